@@ -1,0 +1,62 @@
+"""Checkpoints: plain dicts of tensors and Python values, written atomically, read weights-only."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import UserError
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: give a run directory that holds "
+                        "checkpoints/last.pt and best.pt")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise UserError(f"checkpoint {path} is corrupt or not a trainer checkpoint "
+                        f"({first_line})") from None
+    if not isinstance(state, dict) or not {"model", "config", "progress"} <= state.keys():
+        raise UserError(f"checkpoint {path} is not a trainer checkpoint (it lacks model, config "
+                        "and progress entries)")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise UserError(f"checkpoint {path} does not match the configured model: {detail}") \
+            from None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,133 @@
+"""The `train` and `evaluate` commands: thin Hydra entrypoints over loop.py.
+
+Heavy imports (torch, the loop) happen only once a command runs, so `--help` is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import register_schemas
+from trainer.errors import UserError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
+          "debug")
+log = logging.getLogger("trainer")
+
+
+def _existing_run(path: str) -> str:
+    """A run directory given on the command line must hold checkpoints (Hydra would create it)."""
+    if not (Path(path) / "checkpoints").is_dir():
+        _fail(UserError(f"{path!r} is not a run directory: it has no checkpoints/ "
+                        "(give a directory such as outputs/2026-11-28/17-03-12)"))
+    return path
+
+
+def _register_resolvers() -> None:
+    resolvers: dict[str, Callable[..., Any]] = {
+        "trainer_run_dir": lambda resume, new: _existing_run(resume) if resume else new,
+        "trainer_hydra_subdir": lambda resume: (
+            f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}" if resume else ".hydra"),
+        "trainer_existing_run": _existing_run,
+    }
+    for name, resolver in resolvers.items():
+        OmegaConf.register_new_resolver(name, resolver, replace=True)
+
+
+register_schemas()
+_register_resolvers()
+
+
+def _fail(error: UserError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run_reporting_errors(job: Callable[[], Any]) -> Any:
+    """Run a job; a UserError becomes one line on stderr and exit status 2.
+
+    In a multirun the job is logged as failed and the sweep goes on to the next one.
+    """
+    try:
+        return job()
+    except UserError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("job failed: %s", error)
+            return None
+        log.debug("user error", exc_info=True)
+        _fail(error)
+
+
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """The run's own config, with the plain key=value overrides of this command on top."""
+    from trainer.checkpoint import load
+
+    saved = OmegaConf.create(load(Path(cfg.resume) / "checkpoints" / "last.pt")["config"])
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume":
+            continue
+        if key in GROUPS:
+            raise UserError(f"{override}: a resumed run keeps its {key}; only keys such as "
+                            "trainer.max_steps=N can change on resume")
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    saved.resume = cfg.resume
+    return saved
+
+
+def _train_job(cfg: DictConfig) -> Any:
+    from trainer.loop import train as run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return run_training(resumed_config(cfg) if cfg.resume else cfg, run_dir)
+
+
+def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
+    from trainer import checkpoint
+    from trainer.loop import build, test_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
+    train_cfg = OmegaConf.create(checkpoint.load(path)["config"])
+    if cfg.device:
+        train_cfg.device.type = cfg.device
+    metrics = test_checkpoint(build(train_cfg), path)
+    saved = run_dir / "metrics.json"
+    if saved.is_file():
+        recorded = json.loads(saved.read_text())
+        same = all(recorded.get(k) == v for k, v in metrics.items())
+        log.info("test metrics %s metrics.json", "match" if same else "differ from")
+    print(json.dumps(metrics))  # last line of stdout, for scripts
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _train_main(cfg: DictConfig) -> Any:
+    return _run_reporting_errors(lambda: _train_job(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def _evaluate_main(cfg: DictConfig) -> Any:
+    return _run_reporting_errors(lambda: _evaluate_job(cfg))
+
+
+def train() -> None:
+    """Console script `train`."""
+    _train_main()
+
+
+def evaluate() -> None:
+    """Console script `evaluate`."""
+    _evaluate_main()

@@ -1,0 +1,158 @@
+"""Structured-config schemas and the checks that run before any work starts.
+
+The schemas below type the fixed groups (device, trainer) and the top level, so a misspelt key or a
+wrong type fails while Hydra composes. The groups that build objects (model, data, optimizer,
+scheduler, logger) are checked against the signature of their `_target_` instead: the constructor is
+the single source of truth for the keys it accepts, so no dataclass repeats it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from trainer.errors import UserError
+
+DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("32", "bf16", "16")
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"
+    count: int = 1
+    nodes: int = 1
+    precision: str = "32"
+    compile: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    max_steps: int | None = None
+    accumulate: int = 1
+    grad_clip: float = 1.0
+    log_every: int = 20
+    val_every: int | None = None
+    checkpoint_every: int | None = None
+    monitor: str | None = None
+    patience: int = 0
+    eval_batches: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    logger: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    resume: str | None = None
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# Keys the code supplies when it builds each group's object; the config must not set them.
+SUPPLIED_BY_CODE = {
+    "model": {"in_shape", "num_classes", "vocab_size", "block_size"},
+    "data": {"seed"},
+    "optimizer": {"params"},
+    "scheduler": {"optimizer", "total_steps"},
+    "logger": {"run_dir", "purge_step"},
+}
+
+# (key, test, what is accepted); a key absent from the config is skipped.
+RANGES: list[tuple[str, Any, str]] = [
+    ("optimizer.lr", lambda v: v > 0, "> 0"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.block_size", lambda v: v >= 1, ">= 1"),
+    ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+    ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+    ("model.width", lambda v: v >= 1, ">= 1"),
+    ("model.depth", lambda v: v >= 1, ">= 1"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("trainer.epochs", lambda v: v >= 1, ">= 1"),
+    ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.accumulate", lambda v: v >= 1, ">= 1"),
+    ("trainer.grad_clip", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    ("trainer.log_every", lambda v: v >= 1, ">= 1"),
+    ("trainer.val_every", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.checkpoint_every", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.patience", lambda v: v >= 0, ">= 0"),
+    ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("device.count", lambda v: v >= 1, ">= 1"),
+    ("device.nodes", lambda v: v >= 1, ">= 1"),
+]
+CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError for the first bad value in a composed train config."""
+    for group in SUPPLIED_BY_CODE:
+        check_target_node(cfg[group], group)
+    for key, accepted in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if str(value) not in accepted:
+            raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
+    for key, test, accepted in RANGES:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is not None and not test(value):
+            raise UserError(f"{key}={value} is out of range: it must be {accepted}")
+
+
+def check_target_node(node: DictConfig, group: str) -> None:
+    """Check a `_target_` node's keys and value types against its target's signature."""
+    target_name = node.get("_target_")
+    if not target_name:
+        raise UserError(f"{group} config has no _target_: name the class or function it builds")
+    try:
+        target = get_object(target_name)
+    except Exception as error:  # Hydra wraps import failures of every kind
+        raise UserError(f"{group}._target_={target_name!r} cannot be imported: {error}") from None
+    params = inspect.signature(target).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n in params if n not in SUPPLIED_BY_CODE[group] and n not in ("self", "args")]
+    for key in node:
+        key = str(key)
+        if key in ("_target_", "_partial_", "_recursive_", "_convert_"):
+            continue
+        if key in SUPPLIED_BY_CODE[group] or (key not in params and not takes_any):
+            raise UserError(
+                f"unknown key {group}.{key} for {target_name}; accepted: {', '.join(accepted)}"
+            )
+        if OmegaConf.is_missing(node, key):
+            raise UserError(f"{group}.{key} is required here and has no value: set "
+                            f"{group}.{key}=...")
+        if key in params:
+            _check_type(f"{group}.{key}", node[key], params[key])
+
+
+def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:
+    """A value must match the parameter's simple annotation (int, float, bool, str), or failing
+    that the type of its default; an int passes for a float."""
+    annotation = param.annotation
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if name not in SIMPLE_TYPES:  # unannotated: go by the default; any number for a number
+        name = {bool: "bool", int: "float", float: "float", str: "str"}.get(type(param.default), "")
+    if value is None or name not in SIMPLE_TYPES:
+        return
+    expected = SIMPLE_TYPES[name]
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise UserError(f"{key}={value!r} has the wrong type: expected {name}")
+
+
+SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+}

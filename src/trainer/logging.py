@@ -1,0 +1,122 @@
+"""Where a run reports: TensorBoard (rank 0 only), sample files beside it, and throughput meters."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("trainer")
+
+
+class TensorBoardLogger:
+    """Scalars, image grids, text, the config and an hparams entry in `run_dir/<subdir>`.
+
+    The newest image grid and text sample are also written to `run_dir/samples/`, for a look
+    without starting TensorBoard.
+    """
+
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard",
+                 purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        # purge_step hides events a killed run wrote after its last checkpoint.
+        self.writer = SummaryWriter(str(self.run_dir / subdir), purge_step=purge_step or None)
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def images(self, tag: str, images: Tensor, step: int, per_row: int = 8) -> None:
+        """Images in [-1, 1], shown as one grid."""
+        from torchvision.utils import make_grid, save_image
+
+        grid = make_grid(images.detach().float().cpu(), nrow=per_row, normalize=True,
+                         value_range=(-1, 1), padding=1)
+        self.writer.add_image(tag, grid, step)
+        save_image(grid, self._sample_path(tag, ".png"))
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, "```\n" + text + "\n```", step)  # markdown: keep line breaks
+        self._sample_path(tag, ".txt").write_text(text, encoding="utf-8")
+
+    def config(self, yaml: str) -> None:
+        self.writer.add_text("config", "```yaml\n" + yaml + "\n```", 0)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """An HParams-dashboard entry; the metrics must also be logged as scalars in this run."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for event in hparams_summary(hparams, metrics):
+            self.writer.file_writer.add_summary(event)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def _sample_path(self, tag: str, suffix: str) -> Path:
+        path = self.run_dir / "samples" / (tag.split("/")[-1] + suffix)
+        path.parent.mkdir(exist_ok=True)
+        return path
+
+
+class NullLogger:
+    """logger=none, and every rank but 0: accepts everything, writes nothing."""
+
+    def __init__(self, run_dir: str | Path | None = None, purge_step: int | None = None) -> None:
+        pass
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None: ...
+    def images(self, tag: str, images: Tensor, step: int, per_row: int = 8) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def config(self, yaml: str) -> None: ...
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Throughput:
+    """perf/ scalars over the steps since the last report; the caller syncs the device first."""
+
+    def __init__(self, unit: str, device: torch.device, flops_per_sample: float = 0.0) -> None:
+        self.unit, self.device, self.flops_per_sample = unit, device, flops_per_sample
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.samples, self.data_seconds = time.perf_counter(), 0, 0, 0.0
+
+    def report(self) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.samples / seconds
+        metrics = {f"perf/{self.unit}_per_s": rate,
+                   "perf/step_ms": 1000 * seconds / max(self.steps, 1),
+                   "perf/data_wait_pct": 100 * self.data_seconds / seconds,
+                   "perf/peak_mem_mb": peak_memory_mb(self.device)}
+        peak = peak_flops(self.device)
+        if self.flops_per_sample and peak:
+            metrics["perf/mfu"] = self.flops_per_sample * rate / peak
+        self.reset()
+        return metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name, for the MFU estimate.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float:
+    """The GPU's peak FLOP/s when known; 0 on CPUs and unknown GPUs (then no MFU is logged)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)

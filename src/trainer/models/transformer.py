@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def auto_patch_size(height: int, width: int, max_tokens: int = 16) -> int:
+    """The smallest patch that divides the image into at most `max_tokens` patches."""
+    for patch in range(1, min(height, width) + 1):
+        if height % patch == 0 and width % patch == 0 and (height // patch) * (width // patch) <= \
+                max_tokens:
+            return patch
+    return min(height, width)
+
+
+class Transformer(nn.Module):
+    """A pre-norm transformer encoder in one of two roles, chosen by the data it is sized for.
+
+    - images (`in_shape`, `num_classes`): non-overlapping patches are the tokens (as in ViT);
+      the mean of the final tokens is classified.
+    - text (`vocab_size`, `block_size`): a causal character model (as in nanoGPT) that predicts
+      the next character at every position.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int] | None = None, num_classes: int = 0,
+                 vocab_size: int = 0, block_size: int = 0, width: int = 64, depth: int = 2,
+                 heads: int = 4, dropout: float = 0.0, patch_size: int | None = None) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model.width={width} must be a multiple of model.heads={heads}")
+        self.causal = bool(vocab_size)
+        if self.causal:
+            self.embed: nn.Module = nn.Embedding(vocab_size, width)
+            tokens, outputs = block_size, vocab_size
+        elif in_shape is not None:
+            channels, height, width_px = in_shape
+            patch = patch_size or auto_patch_size(height, width_px)
+            if height % patch or width_px % patch:
+                raise ValueError(f"model.patch_size={patch} does not divide {height}x{width_px}")
+            self.embed = nn.Sequential(nn.Conv2d(channels, width, patch, stride=patch),
+                                       nn.Flatten(2))
+            tokens, outputs = (height // patch) * (width_px // patch), num_classes
+        else:
+            raise ValueError("Transformer needs in_shape and num_classes (images) or vocab_size "
+                             "and block_size (text)")
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        nn.init.normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width),
+                                            enable_nested_tensor=False)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(width, outputs)
+        self.width, self.depth, self.context = width, depth, tokens
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.embed(inputs)  # text: (B, T, width); images: (B, width, tokens)
+        x = x if self.causal else x.transpose(1, 2)
+        length = x.shape[1]
+        x = self.drop(x + self.position[:, :length])
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device) \
+            if self.causal else None
+        x = self.blocks(x, mask=mask, is_causal=self.causal)
+        return self.head(x) if self.causal else self.head(x.mean(dim=1))
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs for one sample (forward and backward), as in the PaLM appendix."""
+        params = sum(p.numel() for p in self.parameters()) - self.position.numel()
+        per_token = 6 * params + 12 * self.depth * self.width * self.context
+        return float(per_token * self.context)

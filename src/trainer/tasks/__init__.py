@@ -1,0 +1,97 @@
+"""Per-family behaviour behind one small interface, and the model x data matrix that picks it.
+
+A task builds its model from the data's spec, says which parameters each optimizer owns, computes
+a training step's loss for each optimizer (a GAN has two: discriminator, then generator), sums an
+evaluation batch into totals that add up across batches and ranks, and shows samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from trainer.data import DataSpec, Split
+from trainer.errors import UserError
+
+
+class Task:
+    """Defaults shared by every family; each family overrides what differs."""
+
+    monitor: tuple[str, str] | None = ("val/loss", "min")  # best.pt; None keeps the latest
+    unit = "samples"  # what perf/<unit>_per_s counts
+
+    def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
+        return instantiate(cfg, in_shape=spec.in_shape, num_classes=spec.num_classes)
+
+    def param_groups(self, model: nn.Module) -> list[list[Any]]:
+        """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
+        return [list(model.parameters())]
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+                      stage: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss that optimizer `stage` minimises, and extra train/ scalars."""
+        raise NotImplementedError
+
+    def eval_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Totals over the batch (sums and a count), so batches and ranks add up exactly."""
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def count(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[1].numel() if self.unit == "tokens" else len(batch[1])
+
+    def show(self, model: nn.Module, split: Split, logger: Any, step: int) -> None:
+        """Log what a user looks at rather than reads (images, text). Nothing by default."""
+
+
+def task_for(model_cfg: DictConfig, spec: DataSpec) -> Task:
+    """The task for this model and data, or a UserError naming the data the model accepts."""
+    from trainer.models.autoencoder import Autoencoder
+    from trainer.models.cnn import CNN
+    from trainer.models.gan import GAN
+    from trainer.models.rnn import RNN
+    from trainer.models.transformer import Transformer
+    from trainer.tasks.adversarial import Adversarial
+    from trainer.tasks.classification import Classification
+    from trainer.tasks.language_model import LanguageModel
+    from trainer.tasks.reconstruction import Reconstruction
+
+    matrix: dict[tuple[type, str], type[Task]] = {
+        (CNN, "image"): Classification,
+        (RNN, "image"): Classification,
+        (RNN, "text"): LanguageModel,
+        (Transformer, "image"): Classification,
+        (Transformer, "text"): LanguageModel,
+        (GAN, "image"): Adversarial,
+        (Autoencoder, "image"): Reconstruction,
+    }
+    model_class = get_class(model_cfg._target_)
+    for (known, kind), task in matrix.items():
+        if issubclass(model_class, known) and kind == spec.kind:
+            return task()
+    kinds = sorted({kind for known, kind in matrix if issubclass(model_class, known)})
+    if not kinds:
+        raise UserError(f"model._target_={model_cfg._target_!r} is not a known architecture")
+    return _incompatible(model_class.__name__, spec, kinds)
+
+
+def _incompatible(model: str, spec: DataSpec, kinds: list[str]) -> Task:
+    accepted = {"image": "digits, mnist, fashion_mnist, cifar10, image_folder",
+                "text": "shakespeare, text"}
+    choices = "; ".join(accepted[k] for k in kinds)
+    raise UserError(f"model={model.lower()} cannot train on {spec.kind} data (data={spec.name}); "
+                    f"it accepts {' or '.join(kinds)} data: {choices}")
+
+
+def mean_of(totals: dict[str, float], *keys: str) -> dict[str, float]:
+    return {key: totals[key] / totals["count"] for key in keys}
+
+
+def as_count(batch_size: int, like: Tensor) -> Tensor:
+    return torch.tensor(float(batch_size), device=like.device)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from trainer.data import DataSpec, Split
+from trainer.tasks import Task, as_count, mean_of
+
+
+class LanguageModel(Task):
+    """Next-character prediction; loss in nats per character, and perplexity."""
+
+    unit = "tokens"
+    sample_length = 300
+
+    def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
+        self.vocab = spec.vocab
+        return instantiate(cfg, vocab_size=spec.vocab_size, block_size=spec.block_size)
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+                      stage: int) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs, targets = batch
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), {}
+
+    def eval_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        inputs, targets = batch
+        logits = model(inputs).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        return {"loss": loss, "count": as_count(targets.numel(), loss)}
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        metrics = mean_of(totals, "loss")
+        return {**metrics, "ppl": math.exp(min(metrics["loss"], 50.0))}
+
+    def show(self, model: nn.Module, split: Split, logger: Any, step: int) -> None:
+        prompt, _ = split.batch(torch.zeros(1, dtype=torch.long, device=_device(model)))
+        text = generate(model, prompt[0, :16], self.sample_length, seed=step)
+        decoded = "".join(self.vocab[i] for i in text.tolist())
+        logger.text("samples/text", decoded, step)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
+             temperature: float = 1.0) -> Tensor:
+    """Sample `length` characters after `prompt`, feeding at most the model's context."""
+    context = getattr(model, "context", 0) or len(prompt)
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    tokens = prompt.clone()
+    for _ in range(length):
+        logits = model(tokens[-context:][None])[0, -1].float() / temperature
+        nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        tokens = torch.cat([tokens, nxt])
+    model.train(was_training)
+    return tokens
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

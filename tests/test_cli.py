@@ -1,0 +1,82 @@
+"""The real console scripts, in subprocesses, as a user types them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import MODELS, PYTHON, run_cli, run_dirs
+
+
+def test_train_leaves_a_complete_run_directory(tmp_path):
+    result = run_cli("train", "debug=fast", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    assert run.parent.parent.name == "outputs"  # outputs/DATE/TIME
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.json", "train.log",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"test/loss", "test/acc"}
+    assert "test | test/loss=" in (run / "train.log").read_text()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    expected = {"model", "optimizers", "schedulers", "scaler", "progress", "rng", "config"}
+    assert expected <= set(state)
+    assert state["progress"]["step"] == 6 and state["config"]["model"]["width"] == 16
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    result = run_cli("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for line in ("model: autoencoder, cnn, gan, rnn, transformer",
+                 "optimizer: adam, adamw, sgd", "device: auto, cpu, cuda, mps"):
+        assert line in result.stdout
+    assert "data: cifar10, digits, fashion_mnist, image_folder, mnist, shakespeare, text" \
+        in result.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_cli(PYTHON, "-m", "trainer", "model=rnn", "optimizer.lr=0.01", "--cfg", "job",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "_target_: trainer.models.rnn.RNN" in result.stdout and "lr: 0.01" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_multirun_runs_every_combination(tmp_path):
+    result = run_cli("train", "-m", "debug=fast", "model=cnn,rnn", "optimizer.lr=0.001,0.003",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    assert all((job / "metrics.json").is_file() for job in jobs)
+
+
+def test_resume_continues_in_the_same_run_directory(tmp_path):
+    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    original_config = (run / ".hydra" / "config.yaml").read_text()
+    result = run_cli("train", f"resume={run}", "trainer.max_steps=9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert run_dirs(tmp_path) == [run]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] == 9
+    assert (run / ".hydra" / "config.yaml").read_text() == original_config
+    assert list((run / ".hydra").glob("resumed-*/overrides.yaml"))
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
+    assert run_cli("train", "debug=fast", f"model={model}", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed == json.loads((run / "metrics.json").read_text())
+    assert "test metrics match metrics.json" in (run / "evaluate.log").read_text()

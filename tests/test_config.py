@@ -1,0 +1,79 @@
+"""Config composition: every option of every group, the schemas, and the pre-flight checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from conftest import compose_train
+from trainer.cli import CONFIG_DIR
+from trainer.config import validate
+from trainer.errors import UserError
+
+GROUPS = ["model", "data", "optimizer", "scheduler", "device", "logger", "experiment", "debug"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_options():
+    assert options("model") == ["autoencoder", "cnn", "gan", "rnn", "transformer"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "image_folder", "mnist",
+                               "shakespeare", "text"]
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("scheduler") == ["constant", "cosine", "step"]
+    assert options("device") == ["auto", "cpu", "cuda", "mps"]
+    assert options("logger") == ["none", "tensorboard"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_passes_the_checks(group):
+    for option in options(group):
+        needs_path = group == "data" and option in ("image_folder", "text")
+        validate(compose_train(f"{group}={option}", *(["data.path=x"] if needs_path else [])))
+
+
+def test_defaults_are_cnn_on_digits():
+    cfg = compose_train()
+    assert cfg.model._target_ == "trainer.models.cnn.CNN"
+    assert cfg.data._target_ == "trainer.data.images.digits"
+    assert cfg.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.device.type == "auto" and cfg.seed == 0 and cfg.resume is None
+
+
+def test_unknown_key_fails_while_composing():
+    with pytest.raises(ConfigCompositionException, match="trainer.epoch"):
+        compose_train("trainer.epoch=3")
+
+
+def test_wrong_type_in_a_schema_field_fails_while_composing():
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train("trainer.epochs=many")
+    assert isinstance(error.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optimizer.lr=0", "optimizer.lr=0 is out of range: it must be > 0"),
+    ("data.batch_size=-4", "data.batch_size=-4 is out of range"),
+    ("device.precision=8", "device.precision='8' is not accepted: choose one of 32, bf16, 16"),
+    ("device.type=tpu", "device.type='tpu' is not accepted"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' has the wrong type: expected float"),
+    ("model.depth=2.5", "model.depth=2.5 has the wrong type: expected int"),
+    ("model.batch_norm=3", "model.batch_norm=3 has the wrong type: expected bool"),
+])
+def test_validate_names_the_bad_value(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate(compose_train(override))
+
+
+def test_misspelt_key_in_a_config_file_is_caught_against_the_constructor():
+    cfg = compose_train()
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.widht = 8
+    with pytest.raises(UserError, match="unknown key model.widht .*accepted: width, depth"):
+        validate(cfg)

@@ -1,0 +1,64 @@
+"""Data order, sharding and splits: deterministic for a seed, each sample once per epoch."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.data import eval_batches, split_indices, train_batches
+from trainer.data.images import digits, mnist
+from trainer.data.images import image_folder as load_image_folder
+from trainer.data.text import text
+
+
+def test_two_ranks_split_every_global_batch_of_one_rank():
+    one = train_batches(100, 8, seed=3, epoch=1, rank=0, world=1)
+    ranks = [train_batches(100, 4, seed=3, epoch=1, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat(ranks, dim=1), one)
+
+
+def test_epochs_shuffle_differently_and_seeds_repeat():
+    first, second = (train_batches(64, 8, seed=0, epoch=e, rank=0, world=1) for e in (0, 1))
+    assert not torch.equal(first, second)
+    assert torch.equal(first, train_batches(64, 8, seed=0, epoch=0, rank=0, world=1))
+    assert sorted(first.flatten().tolist()) == list(range(64))  # each sample once
+
+
+def test_eval_batches_cover_every_sample_once_across_ranks():
+    shares = [torch.cat(eval_batches(11, 3, rank=r, world=2)) for r in range(2)]
+    assert sorted(torch.cat(shares).tolist()) == list(range(11))
+
+
+def test_splits_are_disjoint_and_deterministic():
+    parts = split_indices(50, 0.2, 0.1, seed=7)
+    assert [len(p) for p in parts] == [35, 10, 5]
+    assert len(set(torch.cat(parts).tolist())) == 50
+    again = split_indices(50, 0.2, 0.1, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_digits_are_the_real_bundled_digits():
+    data = digits(seed=0)
+    assert data.spec.in_shape == (1, 8, 8) and data.spec.num_classes == 10
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert data.train.images.min() == -1 and data.train.images.max() == 1
+
+
+def test_text_windows_predict_the_next_character(text_file):
+    data = text(str(text_file), block_size=8)
+    inputs, targets = data.train.batch(torch.tensor([0, 1]))
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    decoded = "".join(data.spec.vocab[i] for i in inputs[0].tolist())
+    assert text_file.read_text(encoding="utf-8").startswith(decoded)
+    assert "✓" in data.spec.vocab
+
+
+def test_image_folder_uses_class_folders_and_resizes(image_folder):
+    data = load_image_folder(str(image_folder), image_size=8, seed=0)
+    assert data.spec.in_shape == (3, 8, 8) and data.spec.num_classes == 2
+    assert len(data.train) + len(data.val) + len(data.test) == 40
+
+
+def test_torchvision_mnist_class_reads_idx_files(mnist_root):
+    data = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
+    assert data.spec.in_shape == (1, 28, 28) and data.spec.num_classes == 10
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)

@@ -1,0 +1,91 @@
+"""Bad input: one line naming the bad value and what is accepted, non-zero exit, no traceback,
+and nothing already saved is lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli, run_dirs
+
+
+def assert_clean_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["model=resnet"], ["model/resnet", "autoencoder", "transformer"]),
+    (["data=imagenet"], ["data/imagenet", "digits", "shakespeare"]),
+    (["optimizer=lion"], ["optimizer/lion", "adamw", "sgd"]),
+    (["trainer.epoch=3"], ["trainer.epoch"]),
+    (["trainer.epochs=many"], ["trainer.epochs=many", "Integer"]),
+    (["optimizer.lr=-0.1"], ["error: optimizer.lr=-0.1 is out of range: it must be > 0"]),
+    (["optimizer.lr=0"], ["optimizer.lr=0 is out of range"]),
+    (["data.batch_size=0"], ["data.batch_size=0 is out of range: it must be >= 1"]),
+    (["data=text", "data.path=/no/such/file.txt"], ["data.path='/no/such/file.txt' is not a file"]),
+    (["data=text"], ["data.path is required here"]),
+    (["device=cuda"], ["device=cuda but no CUDA device is available", "device=cpu"]),
+    (["device.precision=64"], ["device.precision='64' is not accepted: choose one of 32, bf16"]),
+    (["data=mnist", "data.root=empty", "data.download=false"],
+     ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
+    (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
+    assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)
+
+
+def test_cnn_on_text_is_refused(tmp_path, text_file):
+    result = run_cli("train", "model=cnn", "data=text", f"data.path={text_file}", cwd=tmp_path)
+    assert_clean_error(result, "model=cnn cannot train on text data", "digits, mnist")
+
+
+def test_divergence_stops_with_advice(tmp_path):
+    result = run_cli("train", "debug=fast", "optimizer=sgd", "optimizer.lr=1e12",
+                     "trainer.grad_clip=0", cwd=tmp_path)
+    assert_clean_error(result, "training diverged", "optimizer.lr")
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    result = run_cli("train", "resume=outputs/typo", cwd=tmp_path)
+    assert_clean_error(result, "'outputs/typo' is not a run directory")
+    assert not (tmp_path / "outputs" / "typo").exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path):
+    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(b"not a checkpoint")
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    result = run_cli("train", f"resume={run}", cwd=tmp_path)
+    assert_clean_error(result, f"checkpoint {last} is corrupt or not a trainer checkpoint")
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best
+    assert last.read_bytes() == b"not a checkpoint"
+    assert (run / "metrics.json").is_file()
+
+
+def test_resume_cannot_swap_the_model(tmp_path):
+    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    result = run_cli("train", f"resume={run}", "model=rnn", cwd=tmp_path)
+    assert_clean_error(result, "model=rnn: a resumed run keeps its model")
+
+
+def test_evaluate_with_a_mismatched_checkpoint(tmp_path):
+    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
+    [run] = run_dirs(tmp_path)
+    import torch
+
+    path = run / "checkpoints" / "best.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"]["width"] = 8
+    torch.save(state, path)
+    result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    assert_clean_error(result, "does not match the configured model")
+
+
+def test_evaluate_of_a_missing_run(tmp_path):
+    assert_clean_error(run_cli("evaluate", "run_dir=nowhere", cwd=tmp_path),
+                       "'nowhere' is not a run directory")

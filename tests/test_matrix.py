@@ -1,0 +1,63 @@
+"""Every valid model x data pair trains a few steps (debug preset); invalid pairs are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import MODELS, compose_train
+from trainer.errors import UserError
+from trainer.loop import train
+
+IMAGE_MODELS = MODELS
+TEXT_MODELS = ["rnn", "transformer"]
+EXPECTED_METRICS = {
+    "cnn": {"test/loss", "test/acc"},
+    "rnn": {"test/loss", "test/acc"},
+    "transformer": {"test/loss", "test/acc"},
+    "gan": {"test/loss", "test/d_loss", "test/g_loss", "test/d_real", "test/d_fake"},
+    "autoencoder": {"test/loss", "test/mse"},
+}
+
+
+def fit(tmp_path, *overrides):
+    cfg = compose_train("debug=fast", "logger=none", *overrides)
+    return train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
+def test_image_models_on_digits(tmp_path, model):
+    metrics = fit(tmp_path, f"model={model}")
+    assert set(metrics) == EXPECTED_METRICS[model]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
+def test_image_models_on_an_image_folder(tmp_path, image_folder, model):
+    metrics = fit(tmp_path, f"model={model}", "data=image_folder", f"data.path={image_folder}",
+                  "data.image_size=8", "data.batch_size=8")
+    assert set(metrics) == EXPECTED_METRICS[model]
+
+
+@pytest.mark.parametrize("model", ["cnn", "gan"])
+def test_torchvision_mnist_source(tmp_path, mnist_root, model):
+    metrics = fit(tmp_path, f"model={model}", "data=mnist", f"data.root={mnist_root}",
+                  "data.download=false")
+    assert set(metrics) == EXPECTED_METRICS[model]
+
+
+@pytest.mark.parametrize("source", ["text", "shakespeare"])
+@pytest.mark.parametrize("model", TEXT_MODELS)
+def test_text_models(tmp_path, text_file, model, source):
+    metrics = fit(tmp_path, f"model={model}", f"data={source}", f"data.path={text_file}",
+                  "data.block_size=16")
+    assert set(metrics) == {"test/loss", "test/ppl"}
+
+
+@pytest.mark.parametrize("model", ["cnn", "gan", "autoencoder"])
+def test_image_only_models_refuse_text(tmp_path, text_file, model):
+    with pytest.raises(UserError, match=f"model={model} cannot train on text data .*accepts image"):
+        fit(tmp_path, f"model={model}", "data=text", f"data.path={text_file}")
+    assert not (tmp_path / "run").exists()
