@@ -80,3 +80,14 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((run / "metrics.json").read_text())
     assert "test metrics match metrics.json" in (run / "evaluate.log").read_text()
+
+
+def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path, text_file):
+    result = run_cli("train", "-m", "debug=fast", "data=text", f"data.path={text_file}",
+                     "model=cnn,rnn", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    failed_log = (sweep / "0" / "train.log").read_text()
+    assert "job failed: model=cnn cannot train on text data" in failed_log
+    assert not (sweep / "0" / "metrics.json").exists()
+    assert (sweep / "1" / "metrics.json").is_file()

@@ -1,0 +1,66 @@
+"""The loop's promises: exact resume, accumulation, precision, compile, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_train
+from trainer.loop import train
+
+DROPOUT_RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
+               "trainer.val_every=4"]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    full = train(compose_train(*DROPOUT_RUN, "trainer.max_steps=12"), tmp_path / "full")
+    half = tmp_path / "half"
+    train(compose_train(*DROPOUT_RUN, "trainer.max_steps=5"), half)  # stopped after step 5
+
+    saved = torch.load(half / "checkpoints" / "last.pt", weights_only=True)
+    cfg = OmegaConf.create(saved["config"])
+    cfg.trainer.max_steps, cfg.resume = 12, str(half)
+    resumed = train(cfg, half)
+
+    assert resumed == full
+    assert json.loads((half / "metrics.json").read_text()) == full
+    expected = weights(tmp_path / "full")
+    assert all(torch.equal(expected[k], v) for k, v in weights(half).items())
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    common = ["debug=fast", "logger=none", "model.dropout=0", "trainer.grad_clip=0"]
+    large = train(compose_train(*common, "data.batch_size=16"), tmp_path / "large")
+    accumulated = train(compose_train(*common, "data.batch_size=8", "trainer.accumulate=2"),
+                        tmp_path / "accumulated")
+    assert accumulated["test/loss"] == pytest.approx(large["test/loss"], rel=1e-5)
+    for key, value in weights(tmp_path / "large").items():
+        torch.testing.assert_close(weights(tmp_path / "accumulated")[key], value)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_reduced_precision_trains(tmp_path, precision):
+    metrics = train(compose_train("logger=none", "trainer.progress=false", "trainer.max_steps=60",
+                                  f"device.precision={precision}"), tmp_path)
+    assert metrics["test/acc"] > 0.8
+
+
+def test_compiled_model_trains(tmp_path):
+    metrics = train(compose_train("debug=fast", "logger=none", "device.compile=true",
+                                  "trainer.max_steps=30", "trainer.val_every=30"), tmp_path)
+    assert metrics["test/acc"] > 0.5
+
+
+def test_early_stopping_ends_before_the_budget(tmp_path):
+    train(compose_train("debug=fast", "logger=none", "optimizer.lr=1e-9", "trainer.max_steps=60",
+                        "trainer.val_every=2", "trainer.patience=2",
+                        "trainer.monitor=val/acc"), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] < 60 and state["progress"]["stale"] == 2
