@@ -11,6 +11,7 @@ from conftest import run_cli, run_dirs
 def assert_clean_error(result, *fragments: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
+    assert "Error in call to target" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
 
@@ -31,6 +32,8 @@ def assert_clean_error(result, *fragments: str) -> None:
     (["data=mnist", "data.root=empty", "data.download=false"],
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
     (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
+    (["model.depth=5"], ["error: trainer.models.cnn.CNN cannot be built: 5 conv blocks"]),
+    (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
     assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)

@@ -156,3 +156,20 @@ def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:
 SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
 }
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """Hydra's instantiate, but a target's own UserError (or a ValueError about a size it cannot
+    take) reaches the user as itself rather than wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise UserError(f"{node._target_} cannot be built: {cause}") from None
+        raise

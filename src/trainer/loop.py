@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
-from trainer.config import validate
+from trainer.config import instantiate, validate
 from trainer.data import DataModule, Split, eval_batches, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
@@ -63,10 +62,7 @@ def build(cfg: DictConfig) -> Setup:
     random.seed(cfg.seed)
     data = instantiate(cfg.data, seed=cfg.seed)
     task = task_for(cfg.model, data.spec)
-    try:
-        model = task.build_model(cfg.model, data.spec)
-    except ValueError as error:  # a size the model cannot take, e.g. too many halvings
-        raise UserError(f"model cannot be built for data={data.spec.name}: {error}") from None
+    model = task.build_model(cfg.model, data.spec)
     return Setup(cfg, rt, data.to(rt.device), task, model.to(rt.device))
 
 

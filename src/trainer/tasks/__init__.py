@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.errors import UserError
 

@@ -4,10 +4,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.tasks import Task, as_count, mean_of
 
