@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import register_schemas
+from trainer.config import register_schemas, validate
 from trainer.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -70,12 +71,12 @@ def _run_reporting_errors(job: Callable[[], Any]) -> Any:
         _fail(error)
 
 
-def resumed_config(cfg: DictConfig) -> DictConfig:
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The run's own config, with the plain key=value overrides of this command on top."""
     from trainer.checkpoint import load
 
     saved = OmegaConf.create(load(Path(cfg.resume) / "checkpoints" / "last.pt")["config"])
-    for override in HydraConfig.get().overrides.task:
+    for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume":
             continue
@@ -88,10 +89,58 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
 
 
 def _train_job(cfg: DictConfig) -> Any:
+    from trainer.distributed import in_process_group, launch
     from trainer.loop import train as run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run_training(resumed_config(cfg) if cfg.resume else cfg, run_dir)
+    if cfg.resume:
+        cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
+    if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
+        validate(cfg)  # fail here, once, rather than in every worker
+        config = OmegaConf.to_container(cfg, resolve=True)
+        result = launch(cfg.device, _worker, config, str(run_dir))
+        if result is None and not (run_dir / "checkpoints").exists():
+            # Several nodes: rank 0 ran on another node and the run lives there; the directory
+            # Hydra made here for this node's launcher holds nothing of the run.
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+    return run_training(cfg, run_dir)
+
+
+def _worker(config: dict, run_dir: str) -> dict[str, float]:
+    """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
+    from trainer.distributed import env_rank
+    from trainer.loop import train as run_training
+
+    main = env_rank() == 0
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(run_dir) / "train.log")]
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        handlers=handlers if main else None)
+    try:
+        return run_training(OmegaConf.create(config), Path(run_dir))
+    except UserError as error:
+        if main:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _join_external_group() -> None:
+    """A rank other than 0 under torchrun or srun: the same config, rank 0's run directory."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.loop import train as run_training
+
+    logging.basicConfig(level=logging.WARNING)
+    overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        if cfg.resume:
+            cfg = resumed_config(cfg, overrides)
+        run_training(cfg, None)
+    except UserError as error:
+        _fail(error)
 
 
 def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
@@ -125,7 +174,12 @@ def _evaluate_main(cfg: DictConfig) -> Any:
 
 def train() -> None:
     """Console script `train`."""
-    _train_main()
+    from trainer.distributed import env_rank, in_process_group
+
+    if in_process_group() and env_rank() != 0:
+        _join_external_group()
+    else:
+        _train_main()
 
 
 def evaluate() -> None:

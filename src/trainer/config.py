@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from trainer.errors import UserError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
+STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("32", "bf16", "16")
 
 
@@ -29,6 +30,11 @@ class DeviceConfig:
     nodes: int = 1
     precision: str = "32"
     compile: bool = False
+    strategy: str = "ddp"  # ddp; fsdp is reserved and refused until it is built
+    sync_batchnorm: bool = False
+    timeout_s: int = 600  # a collective that waits longer than this fails the run
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous for several nodes
+    rdzv_id: str | None = None  # the same on every node of one job
 
 
 @dataclass
@@ -94,8 +100,10 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("device.count", lambda v: v >= 1, ">= 1"),
     ("device.nodes", lambda v: v >= 1, ">= 1"),
+    ("device.timeout_s", lambda v: v >= 1, ">= 1"),
 ]
-CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS}
+CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
+           "device.strategy": STRATEGIES}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -106,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if str(value) not in accepted:
             raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
+    if cfg.device.strategy == "fsdp":
+        raise UserError("device.strategy=fsdp is not available yet (sharded checkpoints and "
+                        "sampling are not built): use device.strategy=ddp")
     for key, test, accepted in RANGES:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is not None and not test(value):

@@ -1,19 +1,29 @@
-"""Which device and process this is: device choice, precision, rank helpers and reductions.
+"""Which device and process this is, and how processes are started and joined.
 
-Every write in the project is guarded by `Runtime.is_main`, and every data selection takes
-`rank` and `world`, so a single process is simply the world of one.
+- `launch` starts `device.count` worker processes through PyTorch's elastic launcher (the engine
+  behind torchrun). The `train` process that calls it owns the run directory; workers get it as an
+  argument and never go through Hydra, so they create no directories of their own.
+- Under an external `torchrun` or `srun`, every process runs `train`; rank 0 owns the run
+  directory and `Runtime.share` hands its path to the others.
+- Every write in the project is guarded by `Runtime.is_main`, and every data selection takes
+  `rank` and `world`, so a single process is simply a world of one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch import nn
 
 from trainer.errors import UserError
 
@@ -26,6 +36,7 @@ class Runtime:
     precision: str = "32"
     rank: int = 0
     world: int = 1
+    sync_batchnorm: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -36,13 +47,35 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module that the training step calls: DDP-wrapped when there are several ranks."""
+        if self.world == 1:
+            return module
+        if self.sync_batchnorm:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
     def sum_across_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Add up per-rank totals (one collective for all keys) and bring them to the host."""
         keys = sorted(totals)
-        stacked = torch.stack([totals[k].detach().double() for k in keys])
+        stacked = torch.stack([torch.as_tensor(totals[k]).detach().double() for k in keys])
         if self.world > 1:
+            stacked = stacked.to(self.device)  # nccl reduces device tensors, gloo host ones
             dist.all_reduce(stacked)
         return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
 
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
@@ -61,10 +94,64 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
+def adopt_slurm_env() -> None:
+    """Under `srun`, expose SLURM's task numbers under the names torch.distributed reads.
+
+    MASTER_ADDR and MASTER_PORT must be set by the batch script (see scripts/slurm_train.sbatch).
+    """
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def in_process_group() -> bool:
+    """True inside a group started by torchrun, srun or `launch`."""
+    adopt_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int:
+    adopt_slurm_env()
+    return int(os.environ.get("RANK", "0"))
+
+
 def runtime(device_cfg: DictConfig) -> Runtime:
-    if device_cfg.count * device_cfg.nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"device.count={device_cfg.count} device.nodes={device_cfg.nodes}: "
-                        "multi-process training is not available in this version; use "
-                        "device.count=1")
-    device = resolve_device(device_cfg.type)
-    return Runtime(device, str(device_cfg.precision))
+    """This process's device and place in the group, joining the group when there is one."""
+    precision = str(device_cfg.precision)
+    options = {"sync_batchnorm": device_cfg.sync_batchnorm}
+    if not in_process_group():
+        return Runtime(resolve_device(device_cfg.type), precision, **options)
+    device = resolve_device(device_cfg.type, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=device_cfg.timeout_s))
+    return Runtime(device, precision, dist.get_rank(), dist.get_world_size(), **options)
+
+
+def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> Any:
+    """Run `worker(*args)` in device.count processes per node with torch's elastic launcher.
+
+    Returns rank 0's result. A failing worker ends the group (the agent stops the others within
+    a monitor interval); its error is printed by the worker and summarised here.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=device_cfg.nodes, max_nodes=device_cfg.nodes,
+        nproc_per_node=device_cfg.count,
+        run_id=device_cfg.rdzv_id or str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
+        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+    )
+    try:
+        results = elastic_launch(config, worker)(*args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        raise UserError(f"training process rank {rank} failed with exit code {failure.exitcode} "
+                        "(its error is printed above); the whole group was stopped") from None
+    return results.get(0)

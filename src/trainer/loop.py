@@ -66,11 +66,15 @@ def build(cfg: DictConfig) -> Setup:
     return Setup(cfg, rt, data.to(rt.device), task, model.to(rt.device))
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     """Train `cfg` in `run_dir` (continuing its last.pt when cfg.resume), test best.pt, and
-    return the test metrics (also written to metrics.json)."""
+    return the test metrics (also written to metrics.json).
+
+    In a process group every rank calls this; only rank 0 needs to know `run_dir`.
+    """
     s = build(cfg)
     rt, data, task, model, tc = s.rt, s.data, s.task, s.model, cfg.trainer
+    run_dir = Path(rt.share(str(run_dir)))
     optimizers = [instantiate(cfg.optimizer)(params) for params in task.param_groups(model)]
     per_step = data.batch_size * rt.world * tc.accumulate
     steps_per_epoch = len(data.train) // per_step
@@ -112,7 +116,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         if rt.is_main else NullLogger()
     if progress.step == 0:
         logger.config(OmegaConf.to_yaml(cfg))
-    step_model = torch.compile(model) if cfg.device.compile else model
+    step_model = task.distribute(model, rt.wrap)
+    step_model = torch.compile(step_model) if cfg.device.compile else step_model
     monitor, mode = _monitor(tc.monitor, task)
     flops = getattr(model, "flops_per_sample", lambda: 0.0)()
     meter = Throughput(task.unit, rt.device, flops)
@@ -149,7 +154,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             last = progress.step == total_steps
 
             if progress.step % tc.log_every == 0 or last:
-                train_metrics = {f"train/{k}": v.item() / running_steps for k, v in running.items()}
+                sums = rt.sum_across_ranks(running)  # the mean over all ranks' batches
+                train_metrics = {f"train/{k}": v / (running_steps * rt.world)
+                                 for k, v in sums.items()}
                 _check_finite(train_metrics["train/loss"], progress.step, cfg, run_dir)
                 train_metrics["train/lr"] = optimizers[-1].param_groups[0]["lr"]
                 logger.scalars({**train_metrics, **meter.report()}, progress.step)
@@ -163,9 +170,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 val = evaluate_split(s, data.val, tc.eval_batches, prefix="val")
                 _check_finite(val["val/loss"], progress.step, cfg, run_dir)
                 logger.scalars(val, progress.step)
-                model.eval()
-                task.show(model, data.val, logger, progress.step)
-                model.train()
+                if rt.is_main:
+                    model.eval()
+                    task.show(model, data.val, logger, progress.step)
+                    model.train()
                 improved = _improved(val, monitor, mode, progress)
                 progress.last_val_step = progress.step
                 save("last", val)
@@ -181,6 +189,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             elif tc.checkpoint_every and progress.step % tc.checkpoint_every == 0:
                 save("last", {})
 
+    rt.barrier()  # rank 0 has written best.pt
     test = test_checkpoint(s, checkpoints / "best.pt")
     if rt.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
@@ -191,14 +200,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return test
 
 
-def train_step(task: Task, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
                scaler: torch.amp.GradScaler, micro_batches: list[tuple[Tensor, Tensor]],
                rt: Runtime, grad_clip: float) -> dict[str, Tensor]:
     """One optimizer step per optimizer, each over all micro-batches. No host sync."""
     logs: dict[str, Tensor] = {}
     total = torch.zeros((), device=rt.device)
     for stage, optimizer in enumerate(optimizers):
-        model.zero_grad(set_to_none=True)  # earlier stages leave gradients on shared modules
+        for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
+            each.zero_grad(set_to_none=True)
         for batch in micro_batches:
             with rt.autocast():
                 loss, extra = task.training_step(model, batch, stage)

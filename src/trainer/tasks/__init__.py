@@ -7,6 +7,7 @@ evaluation batch into totals that add up across batches and ranks, and shows sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,11 @@ class Task:
         """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
         return [list(model.parameters())]
 
-    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+    def distribute(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Any:
+        """What `training_step` is given: the model with `wrap` (DDP) applied to what it calls."""
+        return wrap(model)
+
+    def training_step(self, model: Any, batch: tuple[Tensor, Tensor],
                       stage: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss that optimizer `stage` minimises, and extra train/ scalars."""
         raise NotImplementedError

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +33,13 @@ class Adversarial(Task):
         return [[{"params": list(net.parameters()), "betas": (0.5, 0.999)}]
                 for net in (model.discriminator, model.generator)]
 
-    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
+    def distribute(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Any:
+        """Each network wrapped on its own, so a step runs one forward through each wrapper."""
+        return SimpleNamespace(generator=wrap(model.generator),
+                               discriminator=wrap(model.discriminator),
+                               sample_latent=model.sample_latent)
+
+    def training_step(self, model: Any, batch: tuple[Tensor, Tensor],
                       stage: int) -> tuple[Tensor, dict[str, Tensor]]:
         real = batch[0]
         latent = model.sample_latent(len(real))
@@ -63,9 +71,12 @@ class Adversarial(Task):
         logger.images("samples/generated", images, step)
 
 
-def _scores(model: nn.Module, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
-    """Discriminator loss on a real and a fake batch, the generator's loss, and D's mean beliefs."""
-    real_logits, fake_logits = model.discriminator(real), model.discriminator(fake)
+def _scores(model: Any, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+    """Discriminator loss on a real and a fake batch, the generator's loss, and D's mean beliefs.
+
+    One discriminator call on both batches: a DDP-wrapped module runs one forward per backward.
+    """
+    real_logits, fake_logits = model.discriminator(torch.cat([real, fake])).split(len(real))
     ones, zeros = torch.ones_like(real_logits), torch.zeros_like(fake_logits)
     d_loss = F.binary_cross_entropy_with_logits(real_logits, ones) + \
         F.binary_cross_entropy_with_logits(fake_logits, zeros)

@@ -1,0 +1,141 @@
+"""Several processes on the CPU over gloo: the same code path as several GPUs over NCCL."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import MODELS, run_cli, run_dirs
+from trainer.distributed import adopt_slurm_env
+
+TESTS = Path(__file__).parent
+# No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.
+EXACT = ["debug=fast", "device=cpu", "model.dropout=0", "trainer.log_every=1"]
+
+
+def train_ok(tmp_path: Path, *args: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    result = run_cli("train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return run_dirs(tmp_path)[-1]
+
+
+def scalars(run: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+def metrics(run: Path) -> dict[str, float]:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def assert_close(a: dict[str, float], b: dict[str, float]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path):
+    one = train_ok(tmp_path / "one", *EXACT, "data.batch_size=16")
+    two = train_ok(tmp_path / "two", *EXACT, "data.batch_size=8", "device.count=2")
+    assert scalars(two, "train/loss") == pytest.approx(scalars(one, "train/loss"), rel=1e-5)
+    assert scalars(two, "val/loss") == pytest.approx(scalars(one, "val/loss"), rel=1e-5)
+    assert_close(metrics(two), metrics(one))
+    # Only rank 0 wrote: one run directory, one TensorBoard event file.
+    assert len(run_dirs(tmp_path / "two")) == 1
+    assert len(list((two / "tensorboard").glob("events.*"))) == 1
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_architecture_trains_under_ddp(tmp_path, model):
+    run = train_ok(tmp_path, "debug=fast", "device=cpu", "device.count=2", f"model={model}",
+                   "logger=none")
+    assert "test/loss" in metrics(run)
+
+
+def test_external_torchrun_joins_instead_of_launching(tmp_path):
+    inside = train_ok(tmp_path / "inside", *EXACT, "device.count=2")
+    result = run_cli("torchrun", "--standalone", "--nproc-per-node=2", "-m", "trainer", *EXACT,
+                     cwd=tmp_path / "inside")
+    assert result.returncode == 0, result.stderr
+    runs = run_dirs(tmp_path / "inside")
+    assert len(runs) == 2  # one per command, none per rank
+    assert_close(metrics(runs[-1]), metrics(inside))
+
+
+def test_a_sweep_of_two_process_jobs_keeps_one_directory_per_job(tmp_path):
+    result = run_cli("train", "-m", "debug=fast", "device=cpu", "device.count=2",
+                     "optimizer.lr=0.001,0.002", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert (sweep / job / "metrics.json").is_file()
+        assert len(list((sweep / job / "tensorboard").glob("events.*"))) == 1
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_a_failing_rank_stops_the_group_with_its_error(tmp_path):
+    start = time.monotonic()
+    result = run_cli("train", "debug=fast", "device=cpu", "device.count=2",
+                     "model._target_=failing_model.RankFailingCNN", cwd=tmp_path, timeout=120,
+                     env={"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode != 0
+    assert "deliberate failure on rank 1" in result.stderr
+    assert "error: training process rank 1 failed" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_checkpoints_move_between_world_sizes(tmp_path, first, second):
+    """Stop at step 4 with one world size, finish with the other: same as never stopping."""
+    per_rank = {1: "data.batch_size=16", 2: "data.batch_size=8"}
+    whole = train_ok(tmp_path / "whole", *EXACT, "data.batch_size=16")
+    run = train_ok(tmp_path / "split", *EXACT, per_rank[first], f"device.count={first}",
+                   "trainer.max_steps=4")
+    result = run_cli("train", f"resume={run}", "trainer.max_steps=6", per_rank[second],
+                     f"device.count={second}", cwd=tmp_path / "split")
+    assert result.returncode == 0, result.stderr
+    assert_close(metrics(run), metrics(whole))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] == 6 and state["config"]["device"]["count"] == second
+
+
+def test_srun_task_numbers_become_torch_ranks(monkeypatch):
+    environment = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}
+    monkeypatch.setattr(os, "environ", environment)  # adopt_slurm_env writes os.environ
+    adopt_slurm_env()
+    assert (environment["RANK"], environment["WORLD_SIZE"], environment["LOCAL_RANK"]) == \
+        ("3", "4", "1")
+
+
+def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path):
+    """Two launchers on this machine stand in for two nodes (one process each)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["train", *EXACT, "data.batch_size=8", "device.nodes=2",
+            f"device.rdzv_endpoint=127.0.0.1:{port}", "device.rdzv_id=two-nodes"]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    processes = []
+    for node in nodes:
+        node.mkdir()
+        processes.append(subprocess.Popen(args, cwd=node, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=180) for process in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    runs = [run for node in nodes for run in run_dirs(node)]
+    assert len(runs) == 1
+    one = train_ok(tmp_path / "one", *EXACT, "data.batch_size=16")
+    assert_close(metrics(runs[0]), metrics(one))
