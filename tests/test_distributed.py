@@ -16,7 +16,9 @@ from trainer.distributed import adopt_slurm_env
 
 TESTS = Path(__file__).parent
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.
-EXACT = ["debug=fast", "device=cpu", "model.dropout=0", "trainer.log_every=1"]
+# One validation, at the end: best.pt is then the final model in every run compared.
+EXACT = ["debug=fast", "device=cpu", "model.dropout=0", "trainer.log_every=1",
+         "trainer.val_every=6"]
 
 
 def train_ok(tmp_path: Path, *args: str) -> Path:
@@ -36,6 +38,13 @@ def metrics(run: Path) -> dict[str, float]:
     return json.loads((run / "metrics.json").read_text())
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    weights = [torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+               for run in (a, b)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-5, atol=1e-7)
+
+
 def assert_close(a: dict[str, float], b: dict[str, float]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -48,6 +57,10 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path):
     assert scalars(two, "train/loss") == pytest.approx(scalars(one, "train/loss"), rel=1e-5)
     assert scalars(two, "val/loss") == pytest.approx(scalars(one, "val/loss"), rel=1e-5)
     assert_close(metrics(two), metrics(one))
+    assert_same_weights(two, one)
+    accumulated = train_ok(tmp_path / "accumulated", *EXACT, "data.batch_size=4",
+                           "trainer.accumulate=2", "device.count=2")
+    assert_close(metrics(accumulated), metrics(one))
     # Only rank 0 wrote: one run directory, one TensorBoard event file.
     assert len(run_dirs(tmp_path / "two")) == 1
     assert len(list((two / "tensorboard").glob("events.*"))) == 1
@@ -79,7 +92,7 @@ def test_a_sweep_of_two_process_jobs_keeps_one_directory_per_job(tmp_path):
     assert jobs == ["0", "1"]
     for job in jobs:
         assert (sweep / job / "metrics.json").is_file()
-        assert len(list((sweep / job / "tensorboard").glob("events.*"))) == 1
+        assert len(list((sweep / job / "tensorboard").rglob("events.*"))) == 1
     assert len(run_dirs(tmp_path)) == 2
 
 
@@ -104,7 +117,7 @@ def test_checkpoints_move_between_world_sizes(tmp_path, first, second):
     result = run_cli("train", f"resume={run}", "trainer.max_steps=6", per_rank[second],
                      f"device.count={second}", cwd=tmp_path / "split")
     assert result.returncode == 0, result.stderr
-    assert_close(metrics(run), metrics(whole))
+    assert_same_weights(run, whole)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["progress"]["step"] == 6 and state["config"]["device"]["count"] == second
 

@@ -22,7 +22,7 @@ def weights(run_dir):
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     full = train(compose_train(*DROPOUT_RUN, "trainer.max_steps=12"), tmp_path / "full")
     half = tmp_path / "half"
-    train(compose_train(*DROPOUT_RUN, "trainer.max_steps=5"), half)  # stopped after step 5
+    train(compose_train(*DROPOUT_RUN, "trainer.max_steps=4"), half)  # stopped after step 4
 
     saved = torch.load(half / "checkpoints" / "last.pt", weights_only=True)
     cfg = OmegaConf.create(saved["config"])
@@ -30,7 +30,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     resumed = train(cfg, half)
 
     assert resumed == full
-    assert json.loads((half / "metrics.json").read_text()) == full
+    assert json.loads((half / "metrics.json").read_text()) == {
+        k: v for k, v in full.items() if k.startswith("test/")}
     expected = weights(tmp_path / "full")
     assert all(torch.equal(expected[k], v) for k, v in weights(half).items())
 

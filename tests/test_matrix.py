@@ -22,8 +22,12 @@ EXPECTED_METRICS = {
 
 
 def fit(tmp_path, *overrides):
+    """Train a few steps; return the test metrics (train also returns best.pt's val metrics)."""
     cfg = compose_train("debug=fast", "logger=none", *overrides)
-    return train(cfg, tmp_path / "run")
+    metrics = train(cfg, tmp_path / "run")
+    test = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    assert {k.replace("test/", "val/") for k in test} == set(metrics) - set(test)
+    return test
 
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)

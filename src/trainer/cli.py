@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -57,18 +58,34 @@ def _fail(error: UserError) -> None:
 
 
 def _run_reporting_errors(job: Callable[[], Any]) -> Any:
-    """Run a job; a UserError becomes one line on stderr and exit status 2.
-
-    In a multirun the job is logged as failed and the sweep goes on to the next one.
-    """
+    """Run a job; a UserError becomes one line on stderr and exit status 2."""
     try:
         return job()
     except UserError as error:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.error("job failed: %s", error)
-            return None
         log.debug("user error", exc_info=True)
         _fail(error)
+
+
+def _sweep_job(cfg: DictConfig) -> Any:
+    """One job of a multirun. A failure is logged and recorded in job.json, and the sweep goes
+    on. Returns the job's `optimized_metric` (what Optuna minimises or maximises), or all its
+    metrics when none is set."""
+    from trainer.sweep import write_record
+
+    hydra_cfg = HydraConfig.get()
+    start = time.perf_counter()
+    record: dict[str, Any] = {"job": hydra_cfg.job.num,
+                              "overrides": " ".join(hydra_cfg.overrides.task),
+                              "status": "completed", "error": None, "metrics": {}}
+    try:
+        record["metrics"] = _train_job(cfg) or {}
+    except Exception as error:  # noqa: BLE001 - one job's failure must not end the sweep
+        log.error("job failed: %s", error, exc_info=not isinstance(error, UserError))
+        record.update(status="failed", error=" ".join(str(error).split())[:500])
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    write_record(Path(hydra_cfg.runtime.output_dir), record)
+    metric = cfg.get("optimized_metric")
+    return record["metrics"].get(metric) if metric else record["metrics"]
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -92,9 +109,13 @@ def _train_job(cfg: DictConfig) -> Any:
     from trainer.distributed import in_process_group, launch
     from trainer.loop import train as run_training
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.resume:
-        cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
+        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task))
+    if hydra_cfg.mode == RunMode.MULTIRUN and "name" in cfg.logger and not cfg.logger.name:
+        # TensorBoard names a run by its folder: name each sweep job by its overrides.
+        cfg.logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         validate(cfg)  # fail here, once, rather than in every worker
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -152,7 +173,7 @@ def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
     train_cfg = OmegaConf.create(checkpoint.load(path)["config"])
     if cfg.device:
         train_cfg.device.type = cfg.device
-    metrics = test_checkpoint(build(train_cfg), path)
+    metrics, _ = test_checkpoint(build(train_cfg), path)
     saved = run_dir / "metrics.json"
     if saved.is_file():
         recorded = json.loads(saved.read_text())
@@ -164,6 +185,8 @@ def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_main(cfg: DictConfig) -> Any:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _sweep_job(cfg)
     return _run_reporting_errors(lambda: _train_job(cfg))
 
 

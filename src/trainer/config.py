@@ -63,6 +63,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     resume: str | None = None
+    optimized_metric: str | None = None
 
 
 def register_schemas() -> None:

@@ -47,6 +47,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
+    def skip_grad_sync(self, model: Any, skip: bool) -> AbstractContextManager:
+        """DDP's no_sync for all but the last micro-batch of an accumulated step."""
+        no_sync = getattr(model, "no_sync", None)
+        return no_sync() if skip and no_sync is not None else contextlib.nullcontext()
+
     def wrap(self, module: nn.Module) -> nn.Module:
         """The module that the training step calls: DDP-wrapped when there are several ranks."""
         if self.world == 1:

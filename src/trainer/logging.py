@@ -21,13 +21,14 @@ class TensorBoardLogger:
     without starting TensorBoard.
     """
 
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard",
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard", name: str | None = None,
                  purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
+        log_dir = self.run_dir / subdir / name if name else self.run_dir / subdir
         # purge_step hides events a killed run wrote after its last checkpoint.
-        self.writer = SummaryWriter(str(self.run_dir / subdir), purge_step=purge_step or None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step or None)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():

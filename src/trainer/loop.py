@@ -68,7 +68,7 @@ def build(cfg: DictConfig) -> Setup:
 
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     """Train `cfg` in `run_dir` (continuing its last.pt when cfg.resume), test best.pt, and
-    return the test metrics (also written to metrics.json).
+    return its validation and test metrics (the test metrics are also written to metrics.json).
 
     In a process group every rank calls this; only rank 0 needs to know `run_dir`.
     """
@@ -129,11 +129,12 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     with logging_redirect_tqdm(), bar:
         while progress.step < total_steps:
             if epoch_batches is None or epoch_batches[0] != progress.epoch:
-                epoch_batches = (progress.epoch, train_batches(
-                    len(data.train), data.batch_size, cfg.seed, progress.epoch, rt.rank, rt.world))
+                order = train_batches(len(data.train), data.batch_size, cfg.seed, progress.epoch,
+                                      rt.rank, rt.world)
+                epoch_batches = (progress.epoch, order.to(rt.device))
             fetch_start = time.perf_counter()
             group = epoch_batches[1][progress.batch : progress.batch + tc.accumulate]
-            micro_batches = [data.train.batch(index.to(rt.device)) for index in group]
+            micro_batches = [data.train.batch(index) for index in group]
             meter.data_seconds += time.perf_counter() - fetch_start
 
             logs = train_step(task, step_model, optimizers, scaler, micro_batches, rt,
@@ -190,14 +191,14 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
                 save("last", {})
 
     rt.barrier()  # rank 0 has written best.pt
-    test = test_checkpoint(s, checkpoints / "best.pt")
+    test, best_val = test_checkpoint(s, checkpoints / "best.pt")
     if rt.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
         logger.scalars(test, progress.step)
         logger.hparams(_hparams(cfg), test)
     logger.close()
     log.info("test | %s", _fmt(test))
-    return test
+    return {**best_val, **test}
 
 
 def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
@@ -209,10 +210,11 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
     for stage, optimizer in enumerate(optimizers):
         for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
             each.zero_grad(set_to_none=True)
-        for batch in micro_batches:
-            with rt.autocast():
-                loss, extra = task.training_step(model, batch, stage)
-            scaler.scale(loss / len(micro_batches)).backward()
+        for i, batch in enumerate(micro_batches):
+            with rt.skip_grad_sync(model, i < len(micro_batches) - 1):
+                with rt.autocast():
+                    loss, extra = task.training_step(model, batch, stage)
+                scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach().float() / len(micro_batches)
             for key, value in extra.items():
                 logs[key] = logs.get(key, 0.0) + value.detach().float() / len(micro_batches)
@@ -242,11 +244,12 @@ def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
-def test_checkpoint(s: Setup, path: Path) -> dict[str, float]:
-    """Load a checkpoint's weights into the model and measure the test split."""
+def test_checkpoint(s: Setup, path: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Load a checkpoint's weights into the model and measure the test split; also return the
+    validation metrics saved with it."""
     state = checkpoint.load(path, s.rt.device)
     checkpoint.load_model_state(s.model, state["model"], path)
-    return evaluate_split(s, s.data.test)
+    return evaluate_split(s, s.data.test), state["metrics"]
 
 
 def _monitor(name: str | None, task: Task) -> tuple[str | None, str]:

@@ -1,0 +1,79 @@
+"""Sweeps: each job's record (job.json) and the summary table written when a multirun ends.
+
+Every job writes its own record where it runs (which may be another process or another machine
+under the joblib or submitit launchers); the summary, a Hydra callback in the process that ran
+`train -m`, only reads the records from the sweep directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+RECORD = "job.json"
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    (run_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.endswith("acc")
+
+
+def summary_rows(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
+    """One row per job, completed jobs best first by `metric`, then the failed ones."""
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RECORD}")]
+    sign = -1 if higher_is_better(metric) else 1
+
+    def order(record: dict[str, Any]) -> tuple[int, float, int]:
+        value = record["metrics"].get(metric, math.nan)
+        missing = record["status"] != "completed" or math.isnan(value)
+        return (missing, 0.0 if missing else sign * value, record["job"])
+
+    return sorted(records, key=order)
+
+
+def write_summary(sweep_dir: Path, metric: str) -> str:
+    """Write sweep_summary.csv and .md into the sweep directory; return the table as text."""
+    rows = summary_rows(sweep_dir, metric)
+    metrics = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (k != metric, k))
+    header = ["job", "overrides", "status", *metrics, "seconds", "error"]
+    table = [[str(r["job"]), r["overrides"], r["status"],
+              *(_number(r["metrics"].get(k)) for k in metrics), f"{r['seconds']:.1f}",
+              r.get("error") or ""] for r in rows]
+    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as file:
+        csv.writer(file).writerows([header, *table])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table]
+    (sweep_dir / "sweep_summary.md").write_text(
+        f"Sweep {sweep_dir}, best first by {metric}\n\n" + "\n".join(lines) + "\n")
+    return _aligned([header, *table])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+class SweepSummary(Callback):
+    """Prints and writes the summary table at the end of every multirun."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        metric = config.get("optimized_metric") or "val/loss"
+        print(f"\nSweep summary, best first by {metric} ({sweep_dir}/sweep_summary.md):\n")
+        print(write_summary(sweep_dir, metric))

@@ -1,0 +1,90 @@
+"""Sweeps: every combination in its own job directory, failures recorded, a summary, Optuna."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli
+from trainer.cli import CONFIG_DIR
+from trainer.sweep import summary_rows, write_record
+
+
+def sweep_dir(root):
+    [found] = list((root / "outputs" / "multirun").glob("*/*"))
+    return found
+
+
+def test_a_grid_sweep_records_jobs_failures_and_a_summary(tmp_path):
+    # cnn with depth 4 halves an 8x8 digit to nothing: that one job fails, the others run.
+    result = run_cli("train", "-m", "debug=fast", "model=cnn,rnn", "model.depth=1,4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    records = {r["overrides"]: r for r in
+               (json.loads((sweep / str(n) / "job.json").read_text()) for n in range(4))}
+    failed = records["debug=fast model=cnn model.depth=4"]
+    assert failed["status"] == "failed" and "halve a 8x8 image to nothing" in failed["error"]
+    completed = [r for r in records.values() if r["status"] == "completed"]
+    assert len(completed) == 3
+    assert sum((sweep / str(n) / "metrics.json").is_file() for n in range(4)) == 3
+
+    with open(sweep / "sweep_summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["status"] for row in rows] == ["completed"] * 3 + ["failed"]
+    losses = [float(row["val/loss"]) for row in rows[:3]]
+    assert losses == sorted(losses)  # best first by val/loss
+    assert "| job | overrides | status |" in (sweep / "sweep_summary.md").read_text()
+    assert "Sweep summary, best first by val/loss" in result.stdout
+
+    # TensorBoard names each job's run by its overrides; the HParams entry is readable.
+    [run] = (sweep / "0" / "tensorboard").iterdir()
+    assert run.name == "debug=fast,model.depth=1,model=cnn"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    assert "test/acc" in events.Tags()["scalars"]
+
+
+def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
+    for job, status, acc in [(0, "completed", 0.5), (1, "failed", None), (2, "completed", 0.9)]:
+        (tmp_path / str(job)).mkdir()
+        write_record(tmp_path / str(job), {
+            "job": job, "overrides": f"job={job}", "status": status, "seconds": 1.0,
+            "error": None if acc else "boom", "metrics": {"val/acc": acc} if acc else {}})
+    assert [r["job"] for r in summary_rows(tmp_path, "val/acc")] == [2, 0, 1]
+
+
+def test_optuna_search_of_three_trials(tmp_path):
+    result = run_cli("train", "hparams_search=classification", "debug=fast",
+                     "hydra.sweeper.n_trials=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "optimizer.lr" in best
+    with open(sweep / "sweep_summary.csv") as file:
+        accuracies = [float(row["val/acc"]) for row in csv.DictReader(file)]
+    assert len(accuracies) == 3 and accuracies == sorted(accuracies, reverse=True)
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    result = run_cli("train", "-m", "debug=fast", "hydra/launcher=joblib",
+                     "hydra.launcher.n_jobs=2", "model=cnn,autoencoder", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    assert all((sweep / n / "metrics.json").is_file() for n in ("0", "1"))
+    assert (sweep / "sweep_summary.csv").is_file()
+
+
+def test_cluster_launcher_configs_compose():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for launcher in ("slurm", "submitit_slurm", "submitit_local"):
+            cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "device.count=4"],
+                          return_hydra_config=True)
+            assert "submitit" in cfg.hydra.launcher._target_
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "device.count=4"],
+                      return_hydra_config=True)
+        assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.timeout_min == 240
