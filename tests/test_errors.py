@@ -32,6 +32,7 @@ def assert_clean_error(result, *fragments: str) -> None:
     (["data=mnist", "data.root=empty", "data.download=false"],
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
     (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
+    (["device=cpu", "device.sync_batchnorm=true"], ["device.sync_batchnorm=true needs CUDA"]),
     (["device.strategy=fsdp"], ["device.strategy=fsdp is not available yet"]),
     (["model.depth=5"], ["error: trainer.models.cnn.CNN cannot be built: 5 conv blocks"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),

@@ -126,9 +126,12 @@ def runtime(device_cfg: DictConfig) -> Runtime:
     """This process's device and place in the group, joining the group when there is one."""
     precision = str(device_cfg.precision)
     options = {"sync_batchnorm": device_cfg.sync_batchnorm}
-    if not in_process_group():
-        return Runtime(resolve_device(device_cfg.type), precision, **options)
     device = resolve_device(device_cfg.type, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_cfg.sync_batchnorm and device.type != "cuda":
+        raise UserError(f"device.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs "
+                        f"only), and this run is on {device.type}: use device=cuda or drop it")
+    if not in_process_group():
+        return Runtime(device, precision, **options)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
