@@ -152,3 +152,24 @@ def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path):
     assert len(runs) == 1
     one = train_ok(tmp_path / "one", *EXACT, "data.batch_size=16")
     assert_close(metrics(runs[0]), metrics(one))
+
+
+def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
+    args = [*EXACT, "model=transformer", "data.batch_size=8", "device.count=2",
+            "device.strategy=fsdp"]
+    one = train_ok(tmp_path / "one", *EXACT, "model=transformer", "data.batch_size=16")
+    whole = train_ok(tmp_path / "whole", *args)
+    # Float sums in another order move the last digits; Adam can enlarge them a little.
+    for key, value in metrics(one).items():
+        assert metrics(whole)[key] == pytest.approx(value, rel=1e-4), key
+    # Stopped at step 4 and resumed sharded: the same weights as never stopping.
+    split = train_ok(tmp_path / "split", *args, "trainer.max_steps=4")
+    result = run_cli("train", f"resume={split}", "trainer.max_steps=6", cwd=tmp_path / "split")
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(split, whole)
+    # The checkpoint holds the whole model: one process evaluates it.
+    result = run_cli("evaluate", f"run_dir={whole}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    for key, value in metrics(whole).items():
+        assert printed[key] == pytest.approx(value, rel=1e-6), key

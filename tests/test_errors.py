@@ -33,7 +33,11 @@ def assert_clean_error(result, *fragments: str) -> None:
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
     (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
     (["device=cpu", "device.sync_batchnorm=true"], ["device.sync_batchnorm=true needs CUDA"]),
-    (["device.strategy=fsdp"], ["device.strategy=fsdp is not available yet"]),
+    (["device.nodes=2"], ["device.nodes=2 needs device.rdzv_endpoint=HOST:PORT"]),
+    (["scheduler=step", "scheduler.step_size=0"], ["scheduler.step_size=0 is out of range"]),
+    (["model=transformer", "model.heads=0"], ["model.heads=0 is out of range"]),
+    (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
+                                                  "momentum"]),
     (["model.depth=5"], ["error: trainer.models.cnn.CNN cannot be built: 5 conv blocks"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
 ])

@@ -25,7 +25,7 @@ from trainer.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
-          "debug")
+          "debug", "hparams_search")
 log = logging.getLogger("trainer")
 
 
@@ -95,7 +95,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     saved = OmegaConf.create(load(Path(cfg.resume) / "checkpoints" / "last.pt")["config"])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume":
+        if key == "resume" or key.startswith("hydra"):
             continue
         if key in GROUPS:
             raise UserError(f"{override}: a resumed run keeps its {key}; only keys such as "
@@ -134,10 +134,11 @@ def _worker(config: dict, run_dir: str) -> dict[str, float]:
     from trainer.loop import train as run_training
 
     main = env_rank() == 0
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(run_dir) / "train.log")]
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                        handlers=handlers if main else None)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if main:
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         return run_training(OmegaConf.create(config), Path(run_dir))
     except UserError as error:
@@ -173,6 +174,7 @@ def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
     train_cfg = OmegaConf.create(checkpoint.load(path)["config"])
     if cfg.device:
         train_cfg.device.type = cfg.device
+        train_cfg.device.sync_batchnorm = False  # one process: nothing to synchronise
     metrics, _ = test_checkpoint(build(train_cfg), path)
     saved = run_dir / "metrics.json"
     if saved.is_file():

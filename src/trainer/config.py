@@ -30,7 +30,7 @@ class DeviceConfig:
     nodes: int = 1
     precision: str = "32"
     compile: bool = False
-    strategy: str = "ddp"  # ddp; fsdp is reserved and refused until it is built
+    strategy: str = "ddp"  # ddp, or fsdp: FSDP2 shards the model across the ranks
     sync_batchnorm: bool = False
     timeout_s: int = 600  # a collective that waits longer than this fails the run
     rdzv_endpoint: str | None = None  # host:port of the rendezvous for several nodes
@@ -90,6 +90,11 @@ RANGES: list[tuple[str, Any, str]] = [
     ("model.width", lambda v: v >= 1, ">= 1"),
     ("model.depth", lambda v: v >= 1, ">= 1"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.heads", lambda v: v >= 1, ">= 1"),
+    ("model.latent_dim", lambda v: v >= 1, ">= 1"),
+    ("model.patch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("scheduler.step_size", lambda v: v >= 1, ">= 1"),
+    ("scheduler.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("trainer.epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.accumulate", lambda v: v >= 1, ">= 1"),
@@ -115,9 +120,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if str(value) not in accepted:
             raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
-    if cfg.device.strategy == "fsdp":
-        raise UserError("device.strategy=fsdp is not available yet (sharded checkpoints and "
-                        "sampling are not built): use device.strategy=ddp")
+    if cfg.device.nodes > 1 and not (cfg.device.rdzv_endpoint and cfg.device.rdzv_id):
+        raise UserError(f"device.nodes={cfg.device.nodes} needs device.rdzv_endpoint=HOST:PORT "
+                        "(a port on the first node) and device.rdzv_id=NAME, the same on every "
+                        "node")
     for key, test, accepted in RANGES:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is not None and not test(value):
@@ -171,7 +177,7 @@ SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """Hydra's instantiate, but a target's own UserError (or a ValueError about a size it cannot
+    """Hydra's instantiate, but a target's own UserError (or a ValueError about a value it cannot
     take) reaches the user as itself rather than wrapped in Hydra's InstantiationException."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
@@ -185,3 +191,13 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(cause, ValueError):
             raise UserError(f"{node._target_} cannot be built: {cause}") from None
         raise
+
+
+def call(partial: Any, *args: Any, **kwargs: Any) -> Any:
+    """Finish a `_partial_: true` object (optimizer, scheduler); a ValueError from torch about a
+    configured value (say, a negative momentum) becomes a UserError."""
+    try:
+        return partial(*args, **kwargs)
+    except ValueError as error:
+        raise UserError(f"{partial.func.__module__}.{partial.func.__name__} cannot be built: "
+                        f"{error}") from None

@@ -36,6 +36,7 @@ class Runtime:
     precision: str = "32"
     rank: int = 0
     world: int = 1
+    strategy: str = "ddp"
     sync_batchnorm: bool = False
 
     @property
@@ -48,18 +49,71 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def skip_grad_sync(self, model: Any, skip: bool) -> AbstractContextManager:
-        """DDP's no_sync for all but the last micro-batch of an accumulated step."""
+        """DDP's no_sync for all but the last micro-batch of an accumulated step (a task that
+        wraps several networks gives its namespace a no_sync of its own)."""
         no_sync = getattr(model, "no_sync", None)
         return no_sync() if skip and no_sync is not None else contextlib.nullcontext()
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """The module that the training step calls: DDP-wrapped when there are several ranks."""
-        if self.world == 1:
+        if self.world == 1 or self.strategy == "fsdp":  # FSDP wraps in place: see shard
             return module
         if self.sync_batchnorm:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp" and self.world > 1
+
+    def shard(self, model: nn.Module) -> None:
+        """device.strategy=fsdp: FSDP2 shards the model in place, unit by unit: each transformer
+        block, or else each child module (so a GAN's generator and discriminator can be called
+        on their own), then the root.
+
+        Call before the optimizers exist: they must hold the sharded parameters.
+        """
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = list(getattr(getattr(model, "blocks", None), "layers", []))
+        for unit in blocks or [c for c in model.children() if any(True for _ in c.parameters())]:
+            fully_shard(unit)
+        fully_shard(model)
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """The whole model's state dict; gathered from the shards (on every rank) under FSDP."""
+        if not self.sharded:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_state())
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state())
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        if not self.sharded:
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=_full_state(offload=False))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict) -> None:
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=_full_state(offload=False))
 
     def sum_across_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Add up per-rank totals (one collective for all keys) and bring them to the host."""
@@ -69,6 +123,14 @@ class Runtime:
             stacked = stacked.to(self.device)  # nccl reduces device tensors, gloo host ones
             dist.all_reduce(stacked)
         return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order (on every rank)."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
     def share(self, value: Any) -> Any:
         """Rank 0's value, on every rank."""
@@ -81,6 +143,12 @@ class Runtime:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def _full_state(offload: bool = True) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=offload)
 
 
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
@@ -125,8 +193,11 @@ def env_rank() -> int:
 def runtime(device_cfg: DictConfig) -> Runtime:
     """This process's device and place in the group, joining the group when there is one."""
     precision = str(device_cfg.precision)
-    options = {"sync_batchnorm": device_cfg.sync_batchnorm}
+    options = {"strategy": device_cfg.strategy, "sync_batchnorm": device_cfg.sync_batchnorm}
     device = resolve_device(device_cfg.type, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device_cfg.count > torch.cuda.device_count():
+        raise UserError(f"device.count={device_cfg.count} but this node has "
+                        f"{torch.cuda.device_count()} CUDA device(s): one process per GPU")
     if device_cfg.sync_batchnorm and device.type != "cuda":
         raise UserError(f"device.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs "
                         f"only), and this run is on {device.type}: use device=cuda or drop it")

@@ -81,10 +81,16 @@ class NullLogger:
 
 
 class Throughput:
-    """perf/ scalars over the steps since the last report; the caller syncs the device first."""
+    """perf/ scalars over the steps since the last report, counted across all ranks.
 
-    def __init__(self, unit: str, device: torch.device, flops_per_sample: float = 0.0) -> None:
-        self.unit, self.device, self.flops_per_sample = unit, device, flops_per_sample
+    Reported at log steps, right after the loss values came to the host, so the device has
+    finished the steps timed. On a GPU, data_wait_pct times only the launch of the indexing.
+    """
+
+    def __init__(self, unit: str, device: torch.device, flops_per_item: float = 0.0,
+                 world: int = 1) -> None:
+        self.unit, self.device, self.world = unit, device, world
+        self.flops_per_item = flops_per_item
         self.reset()
 
     def reset(self) -> None:
@@ -97,9 +103,9 @@ class Throughput:
                    "perf/step_ms": 1000 * seconds / max(self.steps, 1),
                    "perf/data_wait_pct": 100 * self.data_seconds / seconds,
                    "perf/peak_mem_mb": peak_memory_mb(self.device)}
-        peak = peak_flops(self.device)
-        if self.flops_per_sample and peak:
-            metrics["perf/mfu"] = self.flops_per_sample * rate / peak
+        peak = peak_flops(self.device) * self.world
+        if self.flops_per_item and peak:
+            metrics["perf/mfu"] = self.flops_per_item * rate / peak
         self.reset()
         return metrics
 

@@ -22,11 +22,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
-from trainer.config import instantiate, validate
+from trainer.config import call, instantiate, validate
 from trainer.data import DataModule, Split, eval_batches, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
 from trainer.logging import NullLogger, Throughput
+from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
 
 log = logging.getLogger("trainer")
@@ -41,7 +42,6 @@ class Progress:
     batch: int = 0  # micro-batches of this epoch already consumed
     best: float | None = None  # best value of the monitored metric so far
     stale: int = 0  # validations since it last improved (early stopping)
-    last_val_step: int = -1
 
 
 @dataclass
@@ -60,9 +60,14 @@ def build(cfg: DictConfig) -> Setup:
     rt = runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if not rt.is_main:
+        rt.barrier()  # rank 0 downloads or unpacks the data first, alone
     data = instantiate(cfg.data, seed=cfg.seed)
+    if rt.is_main:
+        rt.barrier()
     task = task_for(cfg.model, data.spec)
     model = task.build_model(cfg.model, data.spec)
+    torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
     return Setup(cfg, rt, data.to(rt.device), task, model.to(rt.device))
 
 
@@ -75,7 +80,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     s = build(cfg)
     rt, data, task, model, tc = s.rt, s.data, s.task, s.model, cfg.trainer
     run_dir = Path(rt.share(str(run_dir)))
-    optimizers = [instantiate(cfg.optimizer)(params) for params in task.param_groups(model)]
+    rt.shard(model)
+    optimizers = [call(instantiate(cfg.optimizer), params) for params in task.param_groups(model)]
     per_step = data.batch_size * rt.world * tc.accumulate
     steps_per_epoch = len(data.train) // per_step
     if steps_per_epoch == 0:
@@ -83,44 +89,58 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
                         f"trainer.accumulate={tc.accumulate} = {per_step} samples per step, more "
                         f"than the {len(data.train)} training samples: lower data.batch_size")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
-    schedulers = [instantiate(cfg.scheduler)(optimizer=o, total_steps=total_steps)
+    schedulers = [call(instantiate(cfg.scheduler), optimizer=o, total_steps=total_steps)
                   for o in optimizers]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "16")
     checkpoints = run_dir / "checkpoints"
     progress = Progress()
     if cfg.resume:
-        state = checkpoint.load(checkpoints / "last.pt", rt.device)
-        checkpoint.load_model_state(model, state["model"], checkpoints / "last.pt")
-        for holder, saved in zip([*optimizers, *schedulers, scaler],
-                                 [*state["optimizers"], *state["schedulers"], state["scaler"]],
-                                 strict=True):
-            holder.load_state_dict(saved)
+        source = Path(cfg.resume) / "checkpoints" / "last.pt"
+        state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
+        with checkpoint.reported_as_mismatch(source):
+            rt.load_model_state(model, state["model"])
+            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+                rt.load_optimizer_state(model, optimizer, saved)
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        if state["scaler"]:  # empty when the run was not in 16-bit precision
+            scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
-        checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", checkpoints / "last.pt", progress.step)
+        rng = state["rng"]  # one state per rank; a different world size reuses them in turn
+        checkpoint.set_rng_state(rng[rt.rank % len(rng)], rt.device)
+        log.info("resumed from %s at step %d", source, progress.step)
 
     def save(name: str, metrics: dict[str, float]) -> None:
+        # Every rank takes part: under FSDP gathering the full state is a collective.
+        model_state = rt.model_state(model)
+        optimizer_states = [rt.optimizer_state(model, o) for o in optimizers]
+        rng = rt.gather(checkpoint.rng_state(rt.device))
         if rt.is_main:
             checkpoint.save(checkpoints / f"{name}.pt", {
-                "model": model.state_dict(),
-                "optimizers": [o.state_dict() for o in optimizers],
+                "model": model_state,
+                "optimizers": optimizer_states,
                 "schedulers": [s.state_dict() for s in schedulers],
                 "scaler": scaler.state_dict(),
                 "progress": asdict(progress),
-                "rng": checkpoint.rng_state(),
+                "rng": rng,
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "metrics": metrics,
             })
 
-    logger = instantiate(cfg.logger, run_dir=run_dir, purge_step=progress.step) \
+    # purge_step drops what a killed run logged after its last checkpoint (step T's own scalars
+    # were logged before last.pt was written, so they stay).
+    logger = instantiate(cfg.logger, run_dir=run_dir, purge_step=progress.step + 1) \
         if rt.is_main else NullLogger()
     if progress.step == 0:
         logger.config(OmegaConf.to_yaml(cfg))
-    step_model = task.distribute(model, rt.wrap)
-    step_model = torch.compile(step_model) if cfg.device.compile else step_model
+    def prepare(module: nn.Module) -> nn.Module:  # what the training step calls
+        wrapped = rt.wrap(module)
+        return torch.compile(wrapped) if cfg.device.compile else wrapped
+
+    step_model = task.distribute(model, prepare)
     monitor, mode = _monitor(tc.monitor, task)
-    flops = getattr(model, "flops_per_sample", lambda: 0.0)()
-    meter = Throughput(task.unit, rt.device, flops)
+    flops = getattr(model, "flops_per_item", lambda: 0.0)()  # per image, or per token of text
+    meter = Throughput(task.unit, rt.device, flops, rt.world)
     running: dict[str, Tensor] = {}  # train/ scalars summed on the device between reports
     running_steps = 0
     epoch_batches: tuple[int, Tensor] | None = None
@@ -171,12 +191,10 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
                 val = evaluate_split(s, data.val, tc.eval_batches, prefix="val")
                 _check_finite(val["val/loss"], progress.step, cfg, run_dir)
                 logger.scalars(val, progress.step)
-                if rt.is_main:
-                    model.eval()
-                    task.show(model, data.val, logger, progress.step)
-                    model.train()
+                model.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
+                task.show(model, data.val, logger, progress.step)
+                model.train()
                 improved = _improved(val, monitor, mode, progress)
-                progress.last_val_step = progress.step
                 save("last", val)
                 if improved:
                     save("best", val)
@@ -233,8 +251,10 @@ def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
     """The task's metrics over a split (every sample once across ranks), as `prefix/name`."""
     s.model.eval()
     totals: dict[str, Tensor] = {}
-    batches = eval_batches(len(split), s.data.batch_size, s.rt.rank, s.rt.world)
-    for index in batches[:max_batches]:
+    n = len(split)
+    if max_batches:  # a cap on global batches, so every world size scores the same samples
+        n = min(n, max_batches * s.data.batch_size * s.rt.world)
+    for index in eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world):
         with s.rt.autocast():
             sums = s.task.eval_step(s.model, split.batch(index.to(s.rt.device)))
         for key, value in sums.items():
@@ -248,14 +268,15 @@ def test_checkpoint(s: Setup, path: Path) -> tuple[dict[str, float], dict[str, f
     """Load a checkpoint's weights into the model and measure the test split; also return the
     validation metrics saved with it."""
     state = checkpoint.load(path, s.rt.device)
-    checkpoint.load_model_state(s.model, state["model"], path)
+    with checkpoint.reported_as_mismatch(path):
+        s.rt.load_model_state(s.model, state["model"])
     return evaluate_split(s, s.data.test), state["metrics"]
 
 
 def _monitor(name: str | None, task: Task) -> tuple[str | None, str]:
     if name is None:
         return task.monitor or (None, "min")
-    return name, "max" if name.endswith("acc") else "min"
+    return name, "max" if higher_is_better(name) else "min"
 
 
 def _improved(metrics: dict[str, float], monitor: str | None, mode: str,

@@ -7,6 +7,7 @@ global batch, so a run can be resumed bit for bit and sharded without a sampler 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -109,9 +110,13 @@ def train_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 
 def eval_batches(n: int, batch_size: int, rank: int, world: int) -> list[Tensor]:
-    """This rank's share of an evaluation split, in order: every sample once across ranks."""
-    mine = torch.arange(rank, n, world)
-    return list(mine.split(batch_size))
+    """This rank's share of an evaluation split, in order: every sample once across ranks.
+
+    Every rank gets the same number of batches (of at most `batch_size`), so ranks whose model
+    forward is itself a collective (FSDP) stay in step.
+    """
+    count = math.ceil(math.ceil(n / world) / batch_size)
+    return list(torch.arange(rank, n, world).tensor_split(count))
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> list[Tensor]:

@@ -40,18 +40,19 @@ def digits(batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float
 
 
 def _torchvision(name: str, dataset_class: type, root: str, download: bool, expected: str,
-                 batch_size: int, val_fraction: float, seed: int) -> DataModule:
-    """An official train/test pair; val is drawn from the training set by seed."""
+                 folder: str, batch_size: int, val_fraction: float, seed: int) -> DataModule:
+    """An official train/test pair; val is drawn from the training set by seed. `expected` names
+    the files torchvision looks for in `root/folder`."""
     splits = {}
     for train in (True, False):
         try:
             splits[train] = dataset_class(root, train=train, download=download)
         except (RuntimeError, OSError) as error:
             # torchvision raises RuntimeError for missing files, URLError (an OSError) offline.
-            folder = Path(root).resolve() / dataset_class.__name__
+            where = Path(root).resolve() / folder
             raise UserError(
-                f"data={name}: the files are not under {folder} and could not be downloaded "
-                f"({str(error).splitlines()[0]}); put {expected} in {folder}/raw/ "
+                f"data={name}: the files are not under {where} and could not be downloaded "
+                f"({str(error).splitlines()[0]}); put {expected} in {where} "
                 "or set data.root to the folder that holds them"
             ) from None
     tensors = {}
@@ -73,7 +74,8 @@ def mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
 
     files = "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
     files += "t10k-labels-idx1-ubyte.gz"
-    return _torchvision("mnist", MNIST, root, download, files, batch_size, val_fraction, seed)
+    return _torchvision("mnist", MNIST, root, download, files, "MNIST/raw", batch_size,
+                        val_fraction, seed)
 
 
 def fashion_mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
@@ -81,16 +83,17 @@ def fashion_mnist(root: str = "./data", download: bool = True, batch_size: int =
     from torchvision.datasets import FashionMNIST
 
     files = "the four Fashion-MNIST idx files (train-images-idx3-ubyte, ...)"
-    return _torchvision("fashion_mnist", FashionMNIST, root, download, files, batch_size,
-                        val_fraction, seed)
+    return _torchvision("fashion_mnist", FashionMNIST, root, download, files,
+                        "FashionMNIST/raw", batch_size, val_fraction, seed)
 
 
 def cifar10(root: str = "./data", download: bool = True, batch_size: int = 128,
             val_fraction: float = 0.1, seed: int = 0) -> DataModule:
     from torchvision.datasets import CIFAR10
 
-    files = "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)"
-    return _torchvision("cifar10", CIFAR10, root, download, files, batch_size, val_fraction, seed)
+    files = "the extracted batch files of cifar-10-python.tar.gz"
+    return _torchvision("cifar10", CIFAR10, root, download, files, "cifar-10-batches-py",
+                        batch_size, val_fraction, seed)
 
 
 def image_folder(path: str, image_size: int = 32, grayscale: bool = False, batch_size: int = 64,

@@ -20,8 +20,7 @@ class RNN(nn.Module):
             input_size, outputs = width, vocab_size
         elif in_shape is not None:
             channels, _, row = in_shape
-            self.embed = nn.Flatten(2)  # (B, C, H, W) -> rows are permuted to steps in forward
-            input_size, outputs = channels * row, num_classes
+            input_size, outputs = channels * row, num_classes  # one row of pixels per step
         else:
             raise ValueError("RNN needs in_shape and num_classes (images) or vocab_size (text)")
         self.per_step = bool(vocab_size)

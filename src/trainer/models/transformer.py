@@ -63,8 +63,9 @@ class Transformer(nn.Module):
         x = self.blocks(x, mask=mask, is_causal=self.causal)
         return self.head(x) if self.causal else self.head(x.mean(dim=1))
 
-    def flops_per_sample(self) -> float:
-        """Training FLOPs for one sample (forward and backward), as in the PaLM appendix."""
+    def flops_per_item(self) -> float:
+        """Training FLOPs (forward and backward, as in the PaLM appendix) per unit of throughput:
+        per token for text, per image (all its patch tokens) for images."""
         params = sum(p.numel() for p in self.parameters()) - self.position.numel()
         per_token = 6 * params + 12 * self.depth * self.width * self.context
-        return float(per_token * self.context)
+        return float(per_token if self.causal else per_token * self.context)

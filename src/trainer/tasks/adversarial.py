@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,15 +31,20 @@ class Adversarial(Task):
 
     def param_groups(self, model: nn.Module) -> list[list[dict[str, Any]]]:
         """Discriminator, then generator; both with Adam's beta1 at 0.5, as GANs need since
-        DCGAN (Radford et al., 2015): the default 0.9 lets the discriminator win and G collapse."""
+        DCGAN (Radford et al., 2015): the default 0.9 lets the discriminator win and G collapse.
+        This overrides optimizer.betas for the GAN."""
         return [[{"params": list(net.parameters()), "betas": (0.5, 0.999)}]
                 for net in (model.discriminator, model.generator)]
 
     def distribute(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> Any:
         """Each network wrapped on its own, so a step runs one forward through each wrapper."""
-        return SimpleNamespace(generator=wrap(model.generator),
-                               discriminator=wrap(model.discriminator),
-                               sample_latent=model.sample_latent)
+        networks = SimpleNamespace(generator=wrap(model.generator),
+                                   discriminator=wrap(model.discriminator),
+                                   sample_latent=model.sample_latent)
+        if hasattr(networks.generator, "no_sync"):
+            networks.no_sync = lambda: _both(networks.generator.no_sync(),
+                                             networks.discriminator.no_sync())
+        return networks
 
     def training_step(self, model: Any, batch: tuple[Tensor, Tensor],
                       stage: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -69,6 +76,12 @@ class Adversarial(Task):
         with torch.no_grad():
             images = model.generator(model.sample_latent(self.samples, seeded))
         logger.images("samples/generated", images, step)
+
+
+@contextlib.contextmanager
+def _both(first: AbstractContextManager, second: AbstractContextManager) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 def _scores(model: Any, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
