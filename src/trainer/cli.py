@@ -171,11 +171,12 @@ def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
 
     run_dir = Path(cfg.run_dir)
     path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
-    train_cfg = OmegaConf.create(checkpoint.load(path)["config"])
+    state = checkpoint.load(path)
+    train_cfg = OmegaConf.create(state["config"])
     if cfg.device:
         train_cfg.device.type = cfg.device
         train_cfg.device.sync_batchnorm = False  # one process: nothing to synchronise
-    metrics, _ = test_checkpoint(build(train_cfg), path)
+    metrics, _ = test_checkpoint(build(train_cfg), path, state)
     saved = run_dir / "metrics.json"
     if saved.is_file():
         recorded = json.loads(saved.read_text())

@@ -264,10 +264,11 @@ def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
-def test_checkpoint(s: Setup, path: Path) -> tuple[dict[str, float], dict[str, float]]:
+def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, float], dict[str, float]]:
     """Load a checkpoint's weights into the model and measure the test split; also return the
-    validation metrics saved with it."""
-    state = checkpoint.load(path, s.rt.device)
+    validation metrics saved with it. `state` is the checkpoint at `path` if already loaded."""
+    state = state or checkpoint.load(path)
     with checkpoint.reported_as_mismatch(path):
         s.rt.load_model_state(s.model, state["model"])
     return evaluate_split(s, s.data.test), state["metrics"]
