@@ -33,6 +33,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
                           env={**os.environ, **(env or {})})
 
 
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, no traceback, and each fragment in the one-line message."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Error in call to target" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/) under root/outputs, oldest first."""
     return sorted(p.parent for p in (root / "outputs").rglob(".hydra") if p.parent.name != ".hydra")

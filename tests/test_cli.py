@@ -34,7 +34,7 @@ def test_help_lists_groups_and_options(tmp_path):
     for line in ("model: autoencoder, cnn, gan, rnn, transformer",
                  "optimizer: adam, adamw, sgd", "device: auto, cpu, cuda, mps"):
         assert line in result.stdout
-    assert "data: cifar10, digits, fashion_mnist, image_folder, mnist, shakespeare, text" \
+    assert "data: cifar10, digits, fashion_mnist, hf, image_folder, mnist, shakespeare, text" \
         in result.stdout
 
 

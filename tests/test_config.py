@@ -23,8 +23,8 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_documented_options():
     assert options("model") == ["autoencoder", "cnn", "gan", "rnn", "transformer"]
-    assert options("data") == ["cifar10", "digits", "fashion_mnist", "image_folder", "mnist",
-                               "shakespeare", "text"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "hf", "image_folder",
+                               "mnist", "shakespeare", "text"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["constant", "cosine", "step"]
     assert options("device") == ["auto", "cpu", "cuda", "mps"]
@@ -34,8 +34,10 @@ def test_groups_have_the_documented_options():
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_passes_the_checks(group):
     for option in options(group):
-        needs_path = group == "data" and option in ("image_folder", "text")
-        validate(compose_train(f"{group}={option}", *(["data.path=x"] if needs_path else [])))
+        required = {"image_folder": ["data.path=x"], "text": ["data.path=x"],
+                    "hf": ["data.name=x"]}
+        validate(compose_train(f"{group}={option}",
+                               *(required.get(option, []) if group == "data" else [])))
 
 
 def test_defaults_are_cnn_on_digits():

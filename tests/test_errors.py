@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli, run_dirs
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "Error in call to target" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
+from conftest import assert_clean_error, run_cli, run_dirs
 
 
 @pytest.mark.parametrize(("args", "fragments"), [

@@ -21,6 +21,7 @@ from trainer.errors import UserError
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("32", "bf16", "16")
+AUGMENTATIONS = ("none", "flip_crop", "random_resized_crop")  # data/transforms.py
 
 
 @dataclass
@@ -107,9 +108,13 @@ RANGES: list[tuple[str, Any, str]] = [
     ("device.count", lambda v: v >= 1, ">= 1"),
     ("device.nodes", lambda v: v >= 1, ">= 1"),
     ("device.timeout_s", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v is None or v >= 0, ">= 0 (0 decodes in the main process) "
+     "or null (one per core)"),
 ]
 CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
            "device.strategy": STRATEGIES}
+# Data keys that only some sources have: checked where present.
+DATA_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false")}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -119,6 +124,11 @@ def validate(cfg: DictConfig) -> None:
     for key, accepted in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if str(value) not in accepted:
+            raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
+    for key, accepted in DATA_CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        if value is not None and shown not in accepted:
             raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
     if cfg.device.nodes > 1 and not (cfg.device.rdzv_endpoint and cfg.device.rdzv_id):
         raise UserError(f"device.nodes={cfg.device.nodes} needs device.rdzv_endpoint=HOST:PORT "
@@ -162,7 +172,7 @@ def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:
     that the type of its default; an int passes for a float."""
     annotation = param.annotation
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    if name not in SIMPLE_TYPES:  # unannotated: go by the default; any number for a number
+    if annotation is inspect.Parameter.empty:  # go by the default; any number for a number
         name = {bool: "bool", int: "float", float: "float", str: "str"}.get(type(param.default), "")
     if value is None or name not in SIMPLE_TYPES:
         return

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
 from trainer.config import call, instantiate, validate
-from trainer.data import DataModule, Split, eval_batches, train_batches
+from trainer.data import Batch, DataModule, Split, eval_batches, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
 from trainer.logging import NullLogger, Throughput
@@ -143,18 +144,18 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     meter = Throughput(task.unit, rt.device, flops, rt.world)
     running: dict[str, Tensor] = {}  # train/ scalars summed on the device between reports
     running_steps = 0
-    epoch_batches: tuple[int, Tensor] | None = None
+    batches: tuple[int, Iterator[Batch]] | None = None  # this epoch's, from progress.batch on
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
                disable=not (rt.is_main and tc.progress))
     with logging_redirect_tqdm(), bar:
         while progress.step < total_steps:
-            if epoch_batches is None or epoch_batches[0] != progress.epoch:
+            if batches is None or batches[0] != progress.epoch:
                 order = train_batches(len(data.train), data.batch_size, cfg.seed, progress.epoch,
                                       rt.rank, rt.world)
-                epoch_batches = (progress.epoch, order.to(rt.device))
-            fetch_start = time.perf_counter()
-            group = epoch_batches[1][progress.batch : progress.batch + tc.accumulate]
-            micro_batches = [data.train.batch(index) for index in group]
+                batches = (progress.epoch, data.train.stream(order[progress.batch:],
+                                                             progress.epoch))
+            fetch_start = time.perf_counter()  # streamed data: the wait for the workers
+            micro_batches = [next(batches[1]) for _ in range(tc.accumulate)]
             meter.data_seconds += time.perf_counter() - fetch_start
 
             logs = train_step(task, step_model, optimizers, scaler, micro_batches, rt,
@@ -254,9 +255,9 @@ def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
     n = len(split)
     if max_batches:  # a cap on global batches, so every world size scores the same samples
         n = min(n, max_batches * s.data.batch_size * s.rt.world)
-    for index in eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world):
+    for batch in split.stream(eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world), 0):
         with s.rt.autocast():
-            sums = s.task.eval_step(s.model, split.batch(index.to(s.rt.device)))
+            sums = s.task.eval_step(s.model, batch)
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + value.float()
     s.model.train()

@@ -1,79 +1,112 @@
-"""Data held in memory as tensors, batched by indexing, plus the spec models size themselves from.
+"""The data interface: splits that hand out ready batches, and the spec models size themselves from.
 
-Every source (images.py, text.py) returns a `DataModule`: three splits and a `DataSpec`. The order
-of training batches is a pure function of (seed, epoch), and each rank takes its own slice of every
-global batch, so a run can be resumed bit for bit and sharded without a sampler object.
+Every source (images.py, text.py, hf.py) returns a `DataModule`: three splits and a `DataSpec`.
+Small sets are held in memory (images as uint8) and batched by indexing; large ones stream from
+disk (image files decoded in DataLoader workers, tokens from a memory map). The order of training
+batches is a pure function of (seed, epoch), and each rank takes its own slice of every global
+batch, so a run can be resumed bit for bit and sharded without a sampler object.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What a model needs to know to size itself."""
+    """What a model needs to know to size itself, and what turns its outputs back into data."""
 
     kind: Literal["image", "text"]
     name: str
     in_shape: tuple[int, ...] = ()  # images: (channels, height, width)
     num_classes: int = 0  # images
-    vocab: str = ""  # text: the characters, index = token id
+    classes: tuple[str, ...] = ()  # images: the class names, index = label
+    tokenizer: Tokenizer | None = None  # text: ids <-> text
     block_size: int = 0  # text: context length
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return self.tokenizer.vocab_size if self.tokenizer else 0
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids (data/tokenize.py has the implementations)."""
+
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_bytes(self) -> Tensor:
+        """(vocab_size,) the number of UTF-8 bytes each token stands for (for bits per byte)."""
+        ...
+
+
+Batch = tuple[Tensor, Tensor]
 
 
 class Split(Protocol):
+    """One split of a data set. Batches come out ready for the model, on the split's device:
+    images as float in [-1, 1], tokens as int64."""
+
     def __len__(self) -> int: ...
-    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def batch(self, index: Tensor) -> Batch:
+        """The samples at `index`, without augmentation (evaluation, samples to show)."""
+        ...
+
+    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        """One batch per index tensor, in order (augmented, for a training split), prefetched
+        where the split reads from disk."""
+        ...
+
     def to(self, device: torch.device) -> Split: ...
 
 
 @dataclass
-class ImageSplit:
-    """Images scaled to [-1, 1] as float (N, C, H, W) and integer labels (N,)."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-    def to(self, device: torch.device) -> ImageSplit:
-        return ImageSplit(self.images.to(device), self.labels.to(device))
-
-
-@dataclass
 class TokenSplit:
-    """A token stream cut into consecutive windows; item i predicts window i shifted by one."""
+    """A token stream cut into consecutive windows; item i predicts window i shifted by one.
 
-    tokens: Tensor
+    `tokens` is a tensor (small corpora, moved to the device whole) or a memory-mapped array
+    (data/tokenize.py's cache), of which a batch reads only the pages its windows touch.
+    """
+
+    tokens: Tensor | np.ndarray
     block_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _offsets: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._offsets = torch.arange(self.block_size, device=self.tokens.device)
+        on = self.tokens.device if isinstance(self.tokens, Tensor) else torch.device("cpu")
+        self._offsets = torch.arange(self.block_size + 1, device=on)
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.block_size
 
-    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        positions = index[:, None] * self.block_size + self._offsets
-        return self.tokens[positions], self.tokens[positions + 1]
+    def batch(self, index: Tensor) -> Batch:
+        if isinstance(self.tokens, Tensor):
+            positions = index.to(self.tokens.device)[:, None] * self.block_size + self._offsets
+            windows = self.tokens[positions].long()
+        else:
+            positions = index.cpu()[:, None] * self.block_size + self._offsets
+            windows = torch.from_numpy(self.tokens[positions.numpy()].astype(np.int64))
+            windows = windows.to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+
+    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        return (self.batch(index) for index in batches)
 
     def to(self, device: torch.device) -> TokenSplit:
-        return TokenSplit(self.tokens.to(device), self.block_size)
+        if isinstance(self.tokens, Tensor):
+            return TokenSplit(self.tokens.to(device), self.block_size, device)
+        return TokenSplit(self.tokens, self.block_size, device)
 
 
 @dataclass

@@ -1,48 +1,89 @@
 """Image sources: scikit-learn's digits, torchvision's datasets, and the user's own folders.
 
-Every source loads its images once into a float tensor scaled to [-1, 1] (the range of the GAN's and
-autoencoder's tanh output), so batches are plain tensor indexing.
+Sets whose decoded pixels fit `IN_MEMORY_LIMIT` are held in memory as uint8 and batched by
+indexing (on the GPU when training there); larger folders stream from disk (data/files.py).
+Either way batches reach the model as floats in [-1, 1], augmented on the device when training.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from trainer.data import DataModule, DataSpec, ImageSplit, split_indices
+from trainer.data import Batch, DataModule, DataSpec, split_indices
+from trainer.data.files import (
+    BadFiles,
+    FileImageSplit,
+    ImageFiles,
+    ImageSource,
+    decode_all,
+    list_images,
+)
+from trainer.data.transforms import Augment, make_augment, to_unit_range
 from trainer.errors import UserError
 
+# `in_memory: auto` holds a set in memory when its decoded uint8 pixels take at most this much.
+IN_MEMORY_LIMIT = 512 * 2**20
 
-def _to_unit_range(images: Tensor, max_value: float) -> Tensor:
-    return images.float().div(max_value / 2).sub(1.0)
+
+@dataclass
+class ImageSplit:
+    """Images held in memory as uint8 (N, C, H, W) with integer labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    augment: Augment | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: Tensor) -> Batch:
+        index = index.to(self.images.device)
+        return to_unit_range(self.images[index]), self.labels[index]
+
+    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        if isinstance(batches, Tensor):
+            batches = batches.to(self.images.device)  # one copy for the epoch, not one a step
+        for index in batches:
+            images, labels = self.batch(index)
+            yield (self.augment(images, index, epoch) if self.augment else images), labels
+
+    def to(self, device: torch.device) -> ImageSplit:
+        return ImageSplit(self.images.to(device), self.labels.to(device), self.augment)
 
 
 def _module(name: str, images: Tensor, labels: Tensor, parts: list[Tensor], batch_size: int,
-            num_classes: int) -> DataModule:
+            classes: Sequence[str], augment: str, seed: int) -> DataModule:
     train, val, test = (ImageSplit(images[i], labels[i]) for i in parts)
+    train.augment = make_augment(augment, seed)
     spec = DataSpec(kind="image", name=name, in_shape=tuple(images.shape[1:]),
-                    num_classes=num_classes)
+                    num_classes=len(classes), classes=tuple(classes))
     return DataModule(spec, train, val, test, batch_size)
 
 
 def digits(batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2,
-           seed: int = 0) -> DataModule:
+           augment: str = "none", seed: int = 0) -> DataModule:
     """The 1,797 8x8 digits that ship inside scikit-learn (no network needed)."""
     from sklearn.datasets import load_digits
 
-    raw = load_digits()
-    images = _to_unit_range(torch.from_numpy(raw.images).unsqueeze(1), 16.0)
+    raw = load_digits()  # pixel values 0..16
+    images = torch.from_numpy(raw.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(raw.target).long()
     parts = split_indices(len(labels), val_fraction, test_fraction, seed)
-    return _module("digits", images, labels, parts, batch_size, 10)
+    return _module("digits", images, labels, parts, batch_size, [str(d) for d in range(10)],
+                   augment, seed)
 
 
 def _torchvision(name: str, dataset_class: type, root: str, download: bool, expected: str,
-                 folder: str, batch_size: int, val_fraction: float, seed: int) -> DataModule:
-    """An official train/test pair; val is drawn from the training set by seed. `expected` names
-    the files torchvision looks for in `root/folder`."""
+                 folder: str, batch_size: int, val_fraction: float, augment: str,
+                 seed: int) -> DataModule:
+    """An official train/test pair, held in memory as uint8; val is drawn from the training set
+    by seed. `expected` names the files torchvision looks for in `root/folder`."""
     splits = {}
     for train in (True, False):
         try:
@@ -59,81 +100,104 @@ def _torchvision(name: str, dataset_class: type, root: str, download: bool, expe
     for train, dataset in splits.items():
         data = torch.as_tensor(dataset.data)
         images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-        tensors[train] = (_to_unit_range(images, 255.0), torch.as_tensor(dataset.targets).long())
+        tensors[train] = (images.contiguous(), torch.as_tensor(dataset.targets).long())
     (train_x, train_y), (test_x, test_y) = tensors[True], tensors[False]
     order = split_indices(len(train_y), val_fraction, 0.0, seed)
     n = len(train_y) + len(test_y)
     images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
     parts = [order[0], order[1], torch.arange(len(train_y), n)]
-    return _module(name, images, labels, parts, batch_size, len(dataset.classes))
+    return _module(name, images, labels, parts, batch_size, dataset.classes, augment, seed)
 
 
 def mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
-          val_fraction: float = 0.1, seed: int = 0) -> DataModule:
+          val_fraction: float = 0.1, augment: str = "none", seed: int = 0) -> DataModule:
     from torchvision.datasets import MNIST
 
     files = "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
     files += "t10k-labels-idx1-ubyte.gz"
     return _torchvision("mnist", MNIST, root, download, files, "MNIST/raw", batch_size,
-                        val_fraction, seed)
+                        val_fraction, augment, seed)
 
 
 def fashion_mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
-                  val_fraction: float = 0.1, seed: int = 0) -> DataModule:
+                  val_fraction: float = 0.1, augment: str = "none", seed: int = 0) -> DataModule:
     from torchvision.datasets import FashionMNIST
 
     files = "the four Fashion-MNIST idx files (train-images-idx3-ubyte, ...)"
     return _torchvision("fashion_mnist", FashionMNIST, root, download, files,
-                        "FashionMNIST/raw", batch_size, val_fraction, seed)
+                        "FashionMNIST/raw", batch_size, val_fraction, augment, seed)
 
 
 def cifar10(root: str = "./data", download: bool = True, batch_size: int = 128,
-            val_fraction: float = 0.1, seed: int = 0) -> DataModule:
+            val_fraction: float = 0.1, augment: str = "none", seed: int = 0) -> DataModule:
     from torchvision.datasets import CIFAR10
 
     files = "the extracted batch files of cifar-10-python.tar.gz"
     return _torchvision("cifar10", CIFAR10, root, download, files, "cifar-10-batches-py",
-                        batch_size, val_fraction, seed)
+                        batch_size, val_fraction, augment, seed)
+
+
+def default_workers() -> int:
+    """One decoding process per core this process may use, shared among the node's ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def image_folder(path: str, image_size: int = 32, grayscale: bool = False, batch_size: int = 64,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 seed: int = 0) -> DataModule:
-    """The user's images, one sub-folder per class; train/ val/ test/ sub-folders if present."""
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, augment: str = "none",
+                 in_memory: bool | str = "auto", num_workers: int | None = None,
+                 skip_bad_files: bool = False, seed: int = 0) -> DataModule:
+    """The user's images, one sub-folder per class; train/ val/ test/ sub-folders if present.
 
+    Images are resized to image_size x image_size. They are decoded once into memory when they
+    fit (`in_memory`), else decoded batch by batch in `num_workers` processes while training.
+    """
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path={path!r} is not a folder: give a folder with one sub-folder "
                         "of images per class")
-    steps = [transforms.Resize((image_size, image_size))]
-    steps += [transforms.Grayscale()] if grayscale else []
-    transform = transforms.Compose([*steps, transforms.PILToTensor()])
+    splits, classes = _folder_splits(root, image_size, 1 if grayscale else 3, val_fraction,
+                                     test_fraction, seed)
+    return encoded_images(root.name, splits, classes, batch_size, augment, in_memory,
+                          num_workers, skip_bad_files, seed)
 
-    def load(folder: Path) -> tuple[Tensor, Tensor, list[str]]:
-        try:
-            dataset = ImageFolder(str(folder), transform=transform)
-        except (FileNotFoundError, OSError) as error:
-            raise UserError(f"data.path={str(folder)!r}: {error}") from None
-        images = torch.stack([image for image, _ in dataset])
-        return _to_unit_range(images, 255.0), torch.tensor(dataset.targets), dataset.classes
 
-    if all((root / part).is_dir() for part in ("train", "val", "test")):
-        loaded = [load(root / part) for part in ("train", "val", "test")]
-        classes = loaded[0][2]
-        if any(part[2] != classes for part in loaded):
-            raise UserError(f"data.path={path!r}: train/, val/ and test/ must hold the same "
-                            f"class folders (train/ has {', '.join(classes)})")
-        sizes = [len(part[1]) for part in loaded]
-        images = torch.cat([part[0] for part in loaded])
-        labels = torch.cat([part[1] for part in loaded])
-        ends = torch.tensor(sizes).cumsum(0).tolist()
-        parts = [torch.arange(end - size, end) for size, end in zip(sizes, ends, strict=True)]
+def encoded_images(name: str, splits: list[ImageSource], classes: Sequence[str],
+                   batch_size: int, augment: str, in_memory: bool | str,
+                   num_workers: int | None, skip_bad_files: bool, seed: int) -> DataModule:
+    """A module over encoded images (train, val, test): decoded once into memory when their
+    pixels fit (`in_memory`), else decoded batch by batch in worker processes as training runs."""
+    workers = default_workers() if num_workers is None else num_workers
+    bad = BadFiles(skip_bad_files)
+    decoded = sum(source.decoded_bytes for source in splits)
+    if in_memory is True or (in_memory == "auto" and decoded <= IN_MEMORY_LIMIT):
+        held = [decode_all(source, workers, bad)[:2] for source in splits]
+        train, val, test = (ImageSplit(images, labels) for images, labels in held)
     else:
-        images, labels, classes = load(root)
-        parts = split_indices(len(labels), val_fraction, test_fraction, seed)
-    if min(len(p) for p in parts) == 0:
-        raise UserError(f"data.path={path!r} has too few images for a train/val/test split "
-                        f"({len(labels)} found)")
-    return _module(root.name, images, labels, parts, batch_size, len(classes))
+        train, val, test = (FileImageSplit(source, workers, bad) for source in splits)
+    train.augment = make_augment(augment, seed)
+    first = splits[0]
+    spec = DataSpec(kind="image", name=name, in_shape=(first.channels, first.size, first.size),
+                    num_classes=len(classes), classes=tuple(classes))
+    return DataModule(spec, train, val, test, batch_size)
+
+
+def _folder_splits(root: Path, size: int, channels: int, val_fraction: float,
+                   test_fraction: float, seed: int) -> tuple[list[ImageSource], list[str]]:
+    """train/ val/ test/ sub-folders when all three exist, else one folder split by seed."""
+    if all((root / part).is_dir() for part in ("train", "val", "test")):
+        listed = [list_images(root / part) for part in ("train", "val", "test")]
+        classes = listed[0][2]
+        if any(part[2] != classes for part in listed):
+            raise UserError(f"data.path={str(root)!r}: train/, val/ and test/ must hold the same "
+                            f"class folders (train/ has {', '.join(classes)})")
+        splits = [ImageFiles(paths, labels, size, channels) for paths, labels, _ in listed]
+    else:
+        paths, labels, classes = list_images(root)
+        every = ImageFiles(paths, labels, size, channels)
+        parts = split_indices(len(every), val_fraction, test_fraction, seed)
+        splits = [every.subset(part.tolist()) for part in parts]
+    if min(len(files) for files in splits) == 0:
+        raise UserError(f"data.path={str(root)!r} has too few images for a train/val/test split "
+                        f"({sum(len(files) for files in splits)} found)")
+    return splits, classes

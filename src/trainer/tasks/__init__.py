@@ -88,8 +88,8 @@ def task_for(model_cfg: DictConfig, spec: DataSpec) -> Task:
 
 
 def _incompatible(model: str, spec: DataSpec, kinds: list[str]) -> Task:
-    accepted = {"image": "digits, mnist, fashion_mnist, cifar10, image_folder",
-                "text": "shakespeare, text"}
+    accepted = {"image": "digits, mnist, fashion_mnist, cifar10, image_folder, hf with images",
+                "text": "shakespeare, text, hf with text"}
     choices = "; ".join(accepted[k] for k in kinds)
     raise UserError(f"model={model.lower()} cannot train on {spec.kind} data (data={spec.name}); "
                     f"it accepts {' or '.join(kinds)} data: {choices}")

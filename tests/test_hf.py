@@ -1,0 +1,85 @@
+"""Hugging Face datasets from local files (tests build them; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, compose_train, run_cli
+from trainer.data.hf import hf
+from trainer.loop import train
+
+
+@pytest.fixture
+def image_parquet(tmp_path):
+    """A folder with train and test parquet files: bright and dark 10x12 PNGs, a ClassLabel."""
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    generator = torch.Generator().manual_seed(0)
+    rows = {"picture": [], "kind": []}
+    for i in range(60):
+        noise = torch.randint(0, 40, (10, 12, 3), generator=generator)
+        pixels = ((200 if i % 2 else 40) + noise).to(torch.uint8).numpy()
+        encoded = io.BytesIO()
+        PILImage.fromarray(pixels).save(encoded, format="PNG")
+        rows["picture"].append({"bytes": encoded.getvalue(), "path": None})
+        rows["kind"].append(i % 2)
+    features = Features({"picture": Image(), "kind": ClassLabel(names=["dark", "bright"])})
+    dataset = Dataset.from_dict(rows, features=features)
+    folder = tmp_path / "squares" / "data"
+    folder.mkdir(parents=True)
+    dataset.select(range(40)).to_parquet(folder / "train-00000-of-00001.parquet")
+    dataset.select(range(40, 60)).to_parquet(folder / "test-00000-of-00001.parquet")
+    return folder.parent
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_image_columns_and_class_names_come_from_the_dataset(image_parquet, in_memory):
+    data = hf(str(image_parquet), image_size=8, in_memory=in_memory, num_workers=0,
+              val_fraction=0.25)
+    assert data.spec.classes == ("dark", "bright") and data.spec.in_shape == (3, 8, 8)
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 20)  # val drawn
+    images, labels = data.test.batch(torch.arange(4))
+    assert labels.tolist() == [0, 1, 0, 1]
+    assert (images[1].mean() > images[0].mean()).item()  # bright is brighter
+
+
+def test_a_cnn_learns_from_a_parquet_dataset(tmp_path, image_parquet):
+    metrics = train(compose_train("debug=fast", "logger=none", "data=hf",
+                                  f"data.name={image_parquet}", "data.image_size=8",
+                                  "trainer.max_steps=12"), tmp_path)
+    assert metrics["test/acc"] >= 0.9
+
+
+def test_text_column_trains_a_language_model(tmp_path):
+    from datasets import Dataset
+
+    lines = [f"{who} sees the {what}." for who in ("Ann", "Bob", "Cy") for what in
+             ("sea", "sky", "moon", "sun")] * 20
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    Dataset.from_dict({"id": list(range(len(lines))), "line": lines}).to_json(
+        folder / "train.jsonl")
+    metrics = train(compose_train("debug=fast", "logger=none", "model=transformer", "data=hf",
+                                  f"data.name={folder / 'train.jsonl'}", "data.block_size=16"),
+                    tmp_path / "run")
+    assert metrics["test/loss"] < 3.0 and "test/bpb" in metrics
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["data.image_column=photo"], "data.image_column='photo' is not a column of"),
+    (["data.splits.train=everything"], "has no split 'everything'"),
+])
+def test_bad_hf_options(tmp_path, image_parquet, args, fragment):
+    result = run_cli("train", "debug=fast", "data=hf", f"data.name={image_parquet}", *args,
+                     cwd=tmp_path)
+    assert_clean_error(result, fragment)
+
+
+def test_a_missing_dataset_offline(tmp_path):
+    result = run_cli("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",
+                     cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert_clean_error(result, "data.name='nobody/no-such-set' could not be loaded")

@@ -1,0 +1,154 @@
+"""Image data at scale: in memory or streamed from disk (the same pixels either way), seeded
+augmentation on the device, exact resume of a streamed run, and bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_clean_error, compose_train, run_cli
+from trainer.data.files import FileImageSplit
+from trainer.data.images import ImageSplit, digits
+from trainer.data.images import image_folder as load_image_folder
+from trainer.data.transforms import Augment, seeded_uniforms
+from trainer.loop import train
+
+
+def every_batch(split, batch_size=7):
+    return list(split.stream(torch.arange(len(split)).split(batch_size), epoch=0))
+
+
+def test_streamed_folder_gives_the_pixels_held_in_memory(image_folder):
+    held = load_image_folder(str(image_folder), image_size=8, in_memory=True, num_workers=0)
+    streamed = load_image_folder(str(image_folder), image_size=8, in_memory=False,
+                                 num_workers=2)
+    assert isinstance(held.train, ImageSplit) and isinstance(streamed.train, FileImageSplit)
+    assert held.train.images.dtype == torch.uint8
+    for split in ("train", "val", "test"):
+        for (a, y_a), (b, y_b) in zip(every_batch(getattr(held, split)),
+                                      every_batch(getattr(streamed, split)), strict=True):
+            assert torch.equal(a, b) and torch.equal(y_a, y_b)
+            assert a.dtype == torch.float32 and a.min() >= -1 and a.max() <= 1
+
+
+def test_in_memory_auto_holds_small_folders(image_folder):
+    data = load_image_folder(str(image_folder), image_size=8)
+    assert isinstance(data.train, ImageSplit)
+    assert data.spec.classes == ("bright", "dark") and data.spec.in_shape == (3, 8, 8)
+
+
+def test_draws_depend_on_seed_epoch_and_sample_only():
+    index = torch.tensor([5, 9, 2])
+    draws = seeded_uniforms(0, 3, index, 4)
+    again = seeded_uniforms(0, 3, torch.tensor([9, 7, 5, 2]), 4)
+    assert torch.equal(draws, again[[2, 0, 3]])  # the batch a sample lands in does not matter
+    assert not torch.equal(draws, seeded_uniforms(0, 4, index, 4))
+    assert not torch.equal(draws, seeded_uniforms(1, 3, index, 4))
+    many = seeded_uniforms(0, 0, torch.arange(20_000), 2)
+    assert many.min() >= 0 and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["flip_crop", "random_resized_crop"])
+def test_augmentation_moves_pixels_deterministically(kind):
+    images = digits().train.batch(torch.arange(32))[0]
+    augment = Augment(kind, seed=0)
+    index = torch.arange(32)
+    out = augment(images, index, epoch=0)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out, augment(images, index, epoch=0))
+    assert not torch.equal(out, augment(images, index, epoch=1))
+    changed = (out - images).flatten(1).abs().amax(1) > 0
+    assert changed.float().mean() > 0.5  # most images moved
+
+
+def test_flip_crop_only_moves_pixels():
+    image = torch.arange(64.0).view(1, 1, 8, 8) / 64
+    out = Augment("flip_crop", seed=0)(image, torch.tensor([3]), epoch=0)
+    assert set(out.flatten().tolist()) <= set(image.flatten().tolist())  # no interpolation
+
+
+def test_only_training_batches_are_augmented():
+    data = digits(augment="flip_crop")
+    assert data.train.augment is not None and data.val.augment is None
+    assert data.test.augment is None
+
+
+STREAMED = ["debug=fast", "logger=none", "data=image_folder", "data.image_size=8",
+            "data.in_memory=false", "data.num_workers=2", "data.augment=random_resized_crop",
+            "data.batch_size=8", "trainer.val_every=4", "model.dropout=0.2"]
+
+
+def test_a_resumed_streamed_run_equals_the_uninterrupted_one(tmp_path, image_folder):
+    from omegaconf import OmegaConf
+
+    common = [*STREAMED, f"data.path={image_folder}"]
+    full = train(compose_train(*common, "trainer.max_steps=9"), tmp_path / "full")
+    half = tmp_path / "half"
+    train(compose_train(*common, "trainer.max_steps=5"), half)  # stopped mid-epoch
+    saved = torch.load(half / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["progress"]["batch"] not in (0, None)
+    cfg = OmegaConf.create(saved["config"])
+    cfg.trainer.max_steps, cfg.resume = 9, str(half)
+    assert train(cfg, half) == full
+    expected = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(half / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(expected["model"][k], v) for k, v in resumed["model"].items())
+
+
+def test_non_images_are_ignored(image_folder):
+    (image_folder / "bright" / "notes.txt").write_text("not an image")
+    (image_folder / "bright" / ".DS_Store").write_bytes(b"\0\1")
+    data = load_image_folder(str(image_folder), image_size=8)
+    assert len(data.train) + len(data.val) + len(data.test) == 40
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_a_corrupt_image_is_named(tmp_path, image_folder, in_memory):
+    (image_folder / "dark" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
+                     f"data.in_memory={in_memory}", "data.image_size=8", cwd=tmp_path)
+    assert_clean_error(result, "broken.jpg cannot be read as an image",
+                       "data.skip_bad_files=true")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_bad_files_can_be_skipped_and_counted(image_folder, in_memory, caplog):
+    (image_folder / "dark" / "broken.png").write_bytes(b"garbage")
+    data = load_image_folder(str(image_folder), image_size=8, in_memory=in_memory,
+                             skip_bad_files=True, num_workers=0)
+    seen = sum(len(labels) for split in (data.train, data.val, data.test)
+               for _, labels in every_batch(split))
+    assert seen == 40  # the 41st file is skipped
+    assert "broken.png" in caplog.text
+
+
+@pytest.mark.parametrize(("layout", "fragment"), [
+    ("empty_class", "the class folder 'empty' holds no images"),
+    ("no_classes", "has no class folders"),
+    ("empty_split", "too few images"),
+])
+def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
+    if layout == "empty_class":
+        (image_folder / "empty").mkdir()
+        path = image_folder
+    elif layout == "no_classes":
+        path = tmp_path / "flat"
+        path.mkdir()
+        (path / "a.png").write_bytes((image_folder / "dark" / "0.png").read_bytes())
+    else:
+        path = image_folder
+    extra = ["data.val_fraction=0.001"] if layout == "empty_split" else []
+    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={path}", *extra,
+                     cwd=tmp_path)
+    assert_clean_error(result, fragment)
+
+
+@pytest.mark.parametrize(("key", "fragment"), [
+    ("data.augment=mixup", "data.augment='mixup' is not accepted: choose one of none, flip_crop"),
+    ("data.in_memory=maybe", "data.in_memory='maybe' is not accepted: choose one of auto, true"),
+    ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
+])
+def test_bad_data_options(tmp_path, image_folder, key, fragment):
+    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
+                     key, cwd=tmp_path)
+    assert_clean_error(result, fragment)
