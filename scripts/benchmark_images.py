@@ -3,9 +3,10 @@ torchvision DataLoader, on a folder of JPEGs this script generates.
 
     python scripts/benchmark_images.py [--images 20000] [--cut 5000] [--folder /tmp/jpegs]
 
-1. Peak memory (the proportional set size of `train` and all its worker processes, summed, sampled
-   every 0.1 s) and the seconds from starting the command to the end of the first training step,
-   for the whole folder and for the folder cut to `--cut` images (same classes).
+1. Peak memory of `train` and all its worker processes over its first 5 steps
+   (scripts/first_step.py) and the seconds from starting the command to the end of the first
+   training step, for the whole folder and for the folder cut to `--cut` images (same classes);
+   the default CNN at 224x224, batch 32.
 2. Images per second of trainer's streamed split against
    `DataLoader(ImageFolder(root, transform=Resize + ToTensor), num_workers=2)`, in this process,
    alternating, over the same files: the data path alone, then each feeding the same CNN's
@@ -17,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from first_step import until_step  # noqa: E402
+
 CLASSES = 10
 
 
@@ -57,49 +56,9 @@ def cut(source: Path, target: Path, count: int) -> None:
             link.symlink_to(file)
 
 
-def tree_pss_mb(pid: int) -> float:
-    """Proportional set size of a process and its descendants (shared pages split fairly)."""
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
-            total += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, AttributeError):
-            continue
-    return total / 1024
-
-
-def run_train(folder: Path, workdir: Path, steps: int) -> tuple[float, float]:
-    """Peak MB of all processes, and seconds from the command's start to its first step."""
-    command = ["train", "data=image_folder", f"data.path={folder}", "data.image_size=224",
-               "model=cnn", "data.batch_size=32", f"trainer.max_steps={steps}",
-               "trainer.log_every=1",
-               "trainer.eval_batches=2", "trainer.progress=false", "data.test_fraction=0.01",
-               "logger=none"]
-    start_wall = datetime.now()
-    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    peak, done = 0.0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_pss_mb(process.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    output, _ = process.communicate()
-    done.set()
-    sampler.join()
-    if process.returncode:
-        sys.exit(f"train failed:\n{output[-3000:]}")
-    first = re.search(r"\[([\d\- :,]+)\]\[trainer\]\[INFO\] - step 1/", output)
-    first_step = datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S,%f")
-    return peak, (first_step - start_wall).total_seconds()
+def first_steps(folder: Path, workdir: Path) -> tuple[float, float]:
+    return until_step(["data=image_folder", f"data.path={folder}", "data.image_size=224",
+                       "model=cnn", "data.batch_size=32"], workdir)
 
 
 def throughput(folder: Path, batches: int, rounds: int) -> None:
@@ -152,7 +111,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--cut", type=int, default=5_000)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/trainer-jpegs"))
-    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     full, small = args.folder / f"{args.images}", args.folder / f"{args.cut}"
     started = time.perf_counter()
@@ -166,7 +124,7 @@ def main() -> None:
     print(f"{'images':>7} {'peak MB (all processes)':>24} {'first step after s':>19}")
     peaks = {}
     for count, folder in ((args.cut, small), (args.images, full)):
-        peaks[count], first = run_train(folder, workdir, args.steps)
+        first, peaks[count] = first_steps(folder, workdir)
         print(f"{count:>7} {peaks[count]:>24.0f} {first:>19.1f}")
     print(f"peak memory ratio {args.images} / {args.cut} images: "
           f"{peaks[args.images] / peaks[args.cut]:.3f}")

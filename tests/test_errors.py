@@ -19,6 +19,8 @@ from conftest import assert_clean_error, run_cli, run_dirs
     (["data.batch_size=0"], ["data.batch_size=0 is out of range: it must be >= 1"]),
     (["data=text", "data.path=/no/such/file.txt"], ["data.path='/no/such/file.txt' is not a file"]),
     (["data=text"], ["data.path is required here"]),
+    (["data.val_fraction=0.5", "data.test_fraction=0.5"],
+     ["data.val_fraction=0.5 + data.test_fraction=0.5 leave no training data"]),
     (["device=cuda"], ["device=cuda but no CUDA device is available", "device=cpu"]),
     (["device.precision=64"], ["device.precision='64' is not accepted: choose one of 32, bf16"]),
     (["data=mnist", "data.root=empty", "data.download=false"],

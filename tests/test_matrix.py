@@ -57,7 +57,7 @@ def test_torchvision_mnist_source(tmp_path, mnist_root, model):
 def test_text_models(tmp_path, text_file, model, source):
     metrics = fit(tmp_path, f"model={model}", f"data={source}", f"data.path={text_file}",
                   "data.block_size=16")
-    assert set(metrics) == {"test/loss", "test/ppl"}
+    assert set(metrics) == {"test/loss", "test/ppl", "test/bpb"}
 
 
 @pytest.mark.parametrize("model", ["cnn", "gan", "autoencoder"])

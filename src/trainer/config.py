@@ -138,6 +138,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is not None and not test(value):
             raise UserError(f"{key}={value} is out of range: it must be {accepted}")
+    held_out = [OmegaConf.select(cfg, f"data.{k}_fraction", default=0) for k in ("val", "test")]
+    if sum(held_out) >= 1:
+        raise UserError(f"data.val_fraction={held_out[0]} + data.test_fraction={held_out[1]} "
+                        "leave no training data: together they must be below 1")
 
 
 def check_target_node(node: DictConfig, group: str) -> None:
@@ -168,17 +172,26 @@ def check_target_node(node: DictConfig, group: str) -> None:
 
 
 def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:
-    """A value must match the parameter's simple annotation (int, float, bool, str), or failing
-    that the type of its default; an int passes for a float."""
-    annotation = param.annotation
-    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    if annotation is inspect.Parameter.empty:  # go by the default; any number for a number
-        name = {bool: "bool", int: "float", float: "float", str: "str"}.get(type(param.default), "")
-    if value is None or name not in SIMPLE_TYPES:
+    """A value must match the parameter's simple annotation (int, float, bool, str, or a union of
+    them such as `bool | str`), or failing that the type of its default; an int passes for a
+    float."""
+    names = _simple_types(param)
+    if value is None or not names:
         return
-    expected = SIMPLE_TYPES[name]
-    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-        raise UserError(f"{key}={value!r} has the wrong type: expected {name}")
+    if not any(isinstance(value, SIMPLE_TYPES[name]) and
+               (not isinstance(value, bool) or name == "bool") for name in names):
+        raise UserError(f"{key}={value!r} has the wrong type: expected {' or '.join(names)}")
+
+
+def _simple_types(param: inspect.Parameter) -> list[str]:
+    annotation = param.annotation
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    names = [name.strip() for name in text.split("|") if name.strip() != "None"]
+    if names and all(name in SIMPLE_TYPES for name in names):
+        return names
+    # Otherwise go by the default (torch annotates lr as float | Tensor); any number for a number.
+    default = {bool: "bool", int: "float", float: "float", str: "str"}.get(type(param.default))
+    return [default] if default else []
 
 
 SIMPLE_TYPES: dict[str, tuple[type, ...]] = {

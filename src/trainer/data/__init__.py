@@ -75,7 +75,7 @@ class TokenSplit:
     """A token stream cut into consecutive windows; item i predicts window i shifted by one.
 
     `tokens` is a tensor (small corpora, moved to the device whole) or a memory-mapped array
-    (data/tokenize.py's cache), of which a batch reads only the pages its windows touch.
+    (data/token_cache.py), of which a batch reads only the pages its windows touch.
     """
 
     tokens: Tensor | np.ndarray

@@ -1,23 +1,32 @@
-"""Character-level text: tiny-shakespeare or any UTF-8 file, in contiguous train/val/test."""
+"""Text: tiny-shakespeare or any UTF-8 file, tokenized once (data/token_cache.py) into contiguous
+train / val / test token streams."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainer.data import DataModule, DataSpec, TokenSplit
+from trainer.data.token_cache import Cached, load_or_build
+from trainer.data.tokenize import parse_tokenizer
 from trainer.errors import UserError
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+# A split of fewer tokens is copied out of the memory map into a tensor (int32: 64 MB at most),
+# so it moves to the GPU whole and batches by indexing there; larger ones read pages per batch.
+IN_MEMORY_TOKENS = 1 << 24
 
 
 def text(path: str, block_size: int = 64, batch_size: int = 64, val_fraction: float = 0.05,
-         test_fraction: float = 0.05, seed: int = 0, name: str | None = None) -> DataModule:
-    """Any UTF-8 file; the vocabulary is its set of characters.
+         test_fraction: float = 0.05, seed: int = 0, tokenizer: str = "char",
+         vocab_size: int = 512, name: str | None = None) -> DataModule:
+    """Any UTF-8 file, tokenized by `tokenizer`: char (its set of characters), bpe (a byte-level
+    BPE of `vocab_size` tokens trained on the train split) or the path of a tokenizer.json.
 
     The splits are contiguous (train first, then val, then test) so no test window overlaps
     training text; `seed` is accepted for a uniform data interface and does not change them.
@@ -25,28 +34,38 @@ def text(path: str, block_size: int = 64, batch_size: int = 64, val_fraction: fl
     file = Path(path)
     if not file.is_file():
         raise UserError(f"data.path={path!r} is not a file: give a UTF-8 text file")
-    try:
-        content = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"data.path={path!r} is not UTF-8 text ({error.reason} at byte "
-                        f"{error.start})") from None
-    vocab = "".join(sorted(set(content)))
-    lookup = {char: i for i, char in enumerate(vocab)}
-    tokens = torch.tensor([lookup[c] for c in content], dtype=torch.long)
-    n_test, n_val = int(len(tokens) * test_fraction), int(len(tokens) * val_fraction)
-    n_train = len(tokens) - n_val - n_test
-    pieces = tokens.split([n_train, n_val, n_test])
-    if min(len(p) for p in pieces) <= block_size:
-        raise UserError(f"data.path={path!r} is too short ({len(tokens)} characters) for "
-                        f"data.block_size={block_size}: each split needs more than one block")
-    spec = DataSpec(kind="text", name=name or file.stem, vocab=vocab, block_size=block_size)
-    train, val, test = (TokenSplit(p, block_size) for p in pieces)
+    if file.stat().st_size == 0:
+        raise UserError(f"data.path={path!r} is empty: give a UTF-8 text file with some text")
+    cached = load_or_build(file, parse_tokenizer(tokenizer, vocab_size), val_fraction,
+                           test_fraction)
+    _check_long_enough(path, cached, block_size)
+    spec = DataSpec(kind="text", name=name or file.stem, tokenizer=cached.tokenizer,
+                    block_size=block_size)
+    train, val, test = (TokenSplit(_held(tokens), block_size) for tokens in cached.splits)
     return DataModule(spec, train, val, test, batch_size)
+
+
+def _check_long_enough(path: str, cached: Cached, block_size: int) -> None:
+    for split, tokens in zip(("train", "val", "test"), cached.splits, strict=True):
+        if len(tokens) <= block_size:
+            unit = "characters" if cached.tokenizer.name == "char" else "tokens"
+            raise UserError(f"data.path={path!r} is too short for data.block_size={block_size}: "
+                            f"its {split} split has {len(tokens)} {unit} "
+                            f"({sum(cached.characters)} characters in all) and needs more than "
+                            f"{block_size}; give a longer file or lower data.block_size")
+
+
+def _held(tokens: np.ndarray) -> torch.Tensor | np.ndarray:
+    """A small split as a tensor (see IN_MEMORY_TOKENS), a large one as its memory map."""
+    if len(tokens) < IN_MEMORY_TOKENS:
+        return torch.from_numpy(tokens.astype(np.int32))
+    return tokens
 
 
 def shakespeare(path: str | None = None, root: str = "./data", download: bool = True,
                 block_size: int = 64, batch_size: int = 64, val_fraction: float = 0.05,
-                test_fraction: float = 0.05, seed: int = 0) -> DataModule:
+                test_fraction: float = 0.05, seed: int = 0, tokenizer: str = "char",
+                vocab_size: int = 512) -> DataModule:
     """tiny-shakespeare from `path`, or from `root`, downloading and checksumming it once."""
     if path is None:
         folder = Path(root) / "shakespeare"
@@ -63,4 +82,5 @@ def shakespeare(path: str | None = None, root: str = "./data", download: bool = 
                 raise UserError(f"data=shakespeare: could not download it ({error}); "
                                 f"put a copy at {file} or set data.path=FILE") from None
         path = str(file)
-    return text(path, block_size, batch_size, val_fraction, test_fraction, seed, "shakespeare")
+    return text(path, block_size, batch_size, val_fraction, test_fraction, seed,
+                tokenizer=tokenizer, vocab_size=vocab_size, name="shakespeare")

@@ -14,13 +14,16 @@ from trainer.tasks import Task, as_count, mean_of
 
 
 class LanguageModel(Task):
-    """Next-character prediction; loss in nats per character, and perplexity."""
+    """Next-token prediction; loss in nats per token, perplexity, and bits per UTF-8 byte (bpb),
+    which compares models across tokenizers: a token of several bytes is harder to predict."""
 
     unit = "tokens"
     sample_length = 300
 
     def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
-        self.vocab = spec.vocab
+        assert spec.tokenizer is not None, "text data comes with its tokenizer"
+        self.tokenizer = spec.tokenizer
+        self.token_bytes = spec.tokenizer.token_bytes()
         return instantiate(cfg, vocab_size=spec.vocab_size, block_size=spec.block_size)
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
@@ -33,23 +36,29 @@ class LanguageModel(Task):
         inputs, targets = batch
         logits = model(inputs).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        return {"loss": loss, "count": as_count(targets.numel(), loss)}
+        if self.token_bytes.device != targets.device:  # once: the table then stays there
+            self.token_bytes = self.token_bytes.to(targets.device)
+        text_bytes = self.token_bytes[targets].sum().to(loss.dtype)
+        return {"loss": loss, "bytes": text_bytes, "count": as_count(targets.numel(), loss)}
 
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
         metrics = mean_of(totals, "loss")
-        return {**metrics, "ppl": math.exp(min(metrics["loss"], 50.0))}
+        # Summed nats over summed bytes, not a mean of per-batch ratios, so batches and ranks
+        # add up exactly; targets of only special tokens (no bytes) have no bpb.
+        bpb = totals["loss"] / (math.log(2) * totals["bytes"]) if totals["bytes"] else math.nan
+        return {**metrics, "ppl": math.exp(min(metrics["loss"], 50.0)), "bpb": bpb}
 
     def show(self, model: nn.Module, split: Split, logger: Any, step: int) -> None:
         prompt, _ = split.batch(torch.zeros(1, dtype=torch.long, device=_device(model)))
         text = generate(model, prompt[0, :16], self.sample_length, seed=step)
-        decoded = "".join(self.vocab[i] for i in text.tolist())
+        decoded = self.tokenizer.decode(text.tolist())
         logger.text("samples/text", decoded, step)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
              temperature: float = 1.0) -> Tensor:
-    """Sample `length` characters after `prompt`, feeding at most the model's context."""
+    """Sample `length` tokens after `prompt`, feeding at most the model's context."""
     context = getattr(model, "context", 0) or len(prompt)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     was_training = model.training
