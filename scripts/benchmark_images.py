@@ -29,8 +29,8 @@ CLASSES = 10
 
 
 def make_folder(root: Path, count: int, side: int = 256) -> None:
-    """`count` JPEGs of side x side RGB in CLASSES class folders: smooth colour fields (photo-like
-    file sizes, ~15-30 KB), each class with its own tint."""
+    """`count` JPEGs of side x side RGB in CLASSES class folders: smooth colour fields with a
+    little grain (about 27 KB each, like photos of that size), each class with its own tint."""
     import numpy as np
     from PIL import Image
 
@@ -40,10 +40,12 @@ def make_folder(root: Path, count: int, side: int = 256) -> None:
         label = i % CLASSES
         folder = root / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
-        coarse = rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)
+        coarse = rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)
         coarse[..., label % 3] = coarse[..., label % 3] // 2 + 128
-        image = Image.fromarray(coarse).resize((side, side), Image.BICUBIC)
-        image.save(folder / f"{i:06d}.jpg", quality=90)
+        smooth = np.asarray(Image.fromarray(coarse).resize((side, side), Image.BICUBIC))
+        grain = rng.integers(-6, 7, smooth.shape)
+        pixels = (smooth.astype(np.int16) + grain).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
 
 
 def cut(source: Path, target: Path, count: int) -> None:

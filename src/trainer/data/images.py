@@ -7,7 +7,9 @@ Either way batches reach the model as floats in [-1, 1], augmented on the device
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,7 @@ def _torchvision(name: str, dataset_class: type, root: str, download: bool, expe
                  seed: int) -> DataModule:
     """An official train/test pair, held in memory as uint8; val is drawn from the training set
     by seed. `expected` names the files torchvision looks for in `root/folder`."""
+    _unpack_gzip(Path(root) / folder)
     splits = {}
     for train in (True, False):
         try:
@@ -107,6 +110,16 @@ def _torchvision(name: str, dataset_class: type, root: str, download: bool, expe
     images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
     parts = [order[0], order[1], torch.arange(len(train_y), n)]
     return _module(name, images, labels, parts, batch_size, dataset.classes, augment, seed)
+
+
+def _unpack_gzip(folder: Path) -> None:
+    """torchvision reads MNIST's idx files unpacked; with download=false it would not unpack the
+    .gz files a user copied in (the form in which MNIST is published), so unpack them here."""
+    for packed in folder.glob("*.gz") if folder.is_dir() else []:
+        unpacked = packed.with_suffix("")
+        if not unpacked.exists():
+            with gzip.open(packed) as source, open(unpacked, "wb") as target:
+                shutil.copyfileobj(source, target)
 
 
 def mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
