@@ -54,3 +54,14 @@ def test_torchvision_mnist_class_reads_idx_files(mnist_root):
     data = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
     assert data.spec.in_shape == (1, 28, 28) and data.spec.num_classes == 10
     assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+
+
+def test_mnist_gz_files_as_published_are_read_offline(mnist_root):
+    """The four .gz files copied in by hand, and data.download=false: no network needed."""
+    import gzip
+
+    for raw in (mnist_root / "MNIST" / "raw").iterdir():
+        (raw.parent / (raw.name + ".gz")).write_bytes(gzip.compress(raw.read_bytes()))
+        raw.unlink()
+    data = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
