@@ -101,6 +101,8 @@ class TokenSplit:
         return windows[:, :-1], windows[:, 1:]
 
     def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        if isinstance(batches, Tensor) and isinstance(self.tokens, Tensor):
+            batches = batches.to(self.tokens.device)  # one copy for the epoch, not one a step
         return (self.batch(index) for index in batches)
 
     def to(self, device: torch.device) -> TokenSplit:
