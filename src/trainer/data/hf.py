@@ -57,16 +57,19 @@ def hf(name: str, subset: str | None = None, splits: dict | None = None,
        block_size: int = 64, tokenizer: str = "char", vocab_size: int = 512,
        batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.1,
        augment: str = "none", in_memory: bool | str = "auto", num_workers: int | None = None,
-       skip_bad_files: bool = False, seed: int = 0) -> DataModule:
+       skip_bad_files: bool = False, streaming: bool = False, shuffle_buffer: int = 10_000,
+       seed: int = 0) -> DataModule:
     """A Hugging Face dataset. `splits` maps train/val/test to the dataset's split names; a split
-    it lacks is drawn from the training split by seed (val_fraction, test_fraction of it)."""
-    loaded = _load(name, subset)
+    it lacks is drawn from the training split by seed (val_fraction, test_fraction of it).
+    `streaming` reads image rows as a stream (data/streams.py) instead of through an Arrow copy
+    on disk."""
+    loaded = _load(name, subset, streaming)
     mapping = {**SPLITS, **(splits or {})}
     if mapping["train"] not in loaded:
         raise UserError(f"data.name={name!r} has no split {mapping['train']!r}; it has "
                         f"{', '.join(loaded)}: set data.splits.train=NAME")
     train = loaded[mapping["train"]]
-    columns = list(train.features)
+    columns = list(train.features or [])
     image_column = image_column or _first(train, "Image")
     text_column = text_column if text_column or image_column else _text_column(train)
     for key, column in (("image_column", image_column), ("label_column", label_column),
@@ -76,6 +79,10 @@ def hf(name: str, subset: str | None = None, splits: dict | None = None,
                             f"{', '.join(columns)}")
     present = {part: loaded[mapping[part]] for part in ("val", "test") if mapping[part] in loaded}
     short = Path(name).name or name
+    if streaming:
+        return _streamed_images(name, subset, loaded, mapping, image_column, label_column,
+                                image_size, grayscale, batch_size, augment, num_workers,
+                                skip_bad_files, shuffle_buffer, seed)
     if image_column:
         return _images(short, train, present, image_column, label_column, image_size,
                        grayscale, batch_size, val_fraction, test_fraction, augment, in_memory,
@@ -87,7 +94,7 @@ def hf(name: str, subset: str | None = None, splits: dict | None = None,
                     f"{', '.join(columns)}): set data.image_column or data.text_column")
 
 
-def _load(name: str, subset: str | None) -> Any:
+def _load(name: str, subset: str | None, streaming: bool = False) -> Any:
     """A DatasetDict from a local file, a local folder, or the hub (or its local cache)."""
     import datasets
 
@@ -97,10 +104,14 @@ def _load(name: str, subset: str | None) -> Any:
             if path.suffix not in FILE_FORMATS:
                 raise UserError(f"data.name={name!r}: a file must be one of "
                                 f"{', '.join(FILE_FORMATS)}")
-            return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path))
+            return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path),
+                                         streaming=streaming)
         if path.is_dir() and (path / "dataset_dict.json").is_file():
-            return datasets.load_from_disk(str(path))  # saved with save_to_disk
-        return datasets.load_dataset(name, subset)
+            saved = datasets.load_from_disk(str(path))  # saved with save_to_disk
+            return datasets.IterableDatasetDict(
+                {split: part.to_iterable_dataset() for split, part in saved.items()}) \
+                if streaming else saved
+        return datasets.load_dataset(name, subset, streaming=streaming)
     except (ConnectionError, FileNotFoundError, ValueError) as error:
         raise UserError(f"data.name={name!r} could not be loaded "
                         f"({' '.join(str(error).split())[:200]}); give a hub id that is in the "
@@ -206,3 +217,73 @@ def _write_rows(parts: list[Any], column: str, file: Path) -> list[int]:
             sizes.append(size)
     partial.replace(file)
     return sizes
+
+
+def _row_counts(name: str, subset: str | None, loaded: Any) -> dict[str, int]:
+    """Rows per split: from the dataset card's metadata, else from the footers of its parquet
+    files (a few bytes each), else unknown."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    info = next(iter(loaded.values())).info.splits
+    if info:
+        return {split: known.num_examples for split, known in info.items()}
+    path = Path(name)
+    builder = datasets.load_dataset_builder("parquet", data_files=str(path)) if path.is_file() \
+        else datasets.load_dataset_builder(name, subset)
+    files = builder.config.data_files or {}
+    return {split: sum(pq.ParquetFile(file).metadata.num_rows for file in paths)
+            for split, paths in files.items()
+            if paths and all(str(file).endswith(".parquet") for file in paths)}
+
+
+def _streamed_images(path: str, subset: str | None, loaded: Any, mapping: dict[str, str],
+                     image_column: str | None, label_column: str | None, image_size: int,
+                     grayscale: bool, batch_size: int, augment: str, num_workers: int | None,
+                     skip_bad_files: bool, shuffle_buffer: int, seed: int) -> DataModule:
+    """Three streamed splits; their lengths and class names come from the dataset's metadata,
+    since a stream cannot be counted without reading it all."""
+    from datasets import Image
+
+    from trainer.data import DataSpec
+    from trainer.data.files import BadFiles
+    from trainer.data.images import default_workers
+    from trainer.data.streams import HFStreamSplit, StreamedRows
+    from trainer.data.transforms import make_augment
+
+    name = Path(path).name or path
+    if not image_column:
+        raise UserError(f"data.streaming=true reads image datasets; data.name={path!r} has no "
+                        "Image column: set data.image_column, or data.streaming=false for text")
+    train = loaded[mapping["train"]]
+    label_column = label_column or _first(train, "ClassLabel")
+    classes = getattr(train.features[label_column], "names", None) if label_column else \
+        ["unlabelled"]
+    if not classes:
+        raise UserError(f"data.streaming=true needs class names from a ClassLabel column; "
+                        f"data.label_column={label_column!r} is not one")
+    channels = 1 if grayscale else 3
+    workers = default_workers() if num_workers is None else num_workers
+    bad = BadFiles(skip_bad_files)
+    columns = [image_column, *([label_column] if label_column else [])]
+    counts = _row_counts(path, subset, loaded)
+    splits = []
+    for part in ("train", "val", "test"):
+        split_name = mapping[part]
+        if split_name not in loaded:
+            raise UserError(f"data.streaming=true cannot draw a {part} split out of a stream: "
+                            f"set data.splits.{part} to one of {', '.join(loaded)}")
+        if split_name not in counts:
+            raise UserError(f"data.streaming=true needs the number of rows of each split, and "
+                            f"{name} declares none for {split_name!r} (in its dataset card) and "
+                            "is not parquet: use data.streaming=false")
+        rows = loaded[split_name].select_columns(columns).cast_column(image_column,
+                                                                      Image(decode=False))
+        splits.append(HFStreamSplit(
+            rows, image_column, label_column, counts[split_name],
+            StreamedRows(f"{name} {part}", image_size, channels), workers, bad, seed,
+            shuffle_buffer if part == "train" else 0))
+    splits[0].augment = make_augment(augment, seed)
+    spec = DataSpec(kind="image", name=name, in_shape=(channels, image_size, image_size),
+                    num_classes=len(classes), classes=tuple(classes))
+    return DataModule(spec, *splits, batch_size)
