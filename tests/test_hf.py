@@ -152,3 +152,22 @@ def test_streaming_needs_every_split(tmp_path, image_parquet):
     result = run_cli("train", *STREAMING, f"data.name={image_parquet}", cwd=tmp_path)
     assert_clean_error(result, "data.streaming=true cannot draw a val split out of a stream",
                        "data.splits.val")
+
+
+def test_a_bad_streamed_image_is_named_or_skipped(streamable):
+    from datasets import Dataset
+
+    from trainer.errors import UserError
+
+    test_file = streamable / "data" / "test-00000-of-00001.parquet"
+    rows = Dataset.from_parquet(str(test_file)).to_dict()
+    rows["picture"][2] = {"bytes": b"not an image", "path": None}
+    Dataset.from_dict(rows, features=Dataset.from_parquet(str(test_file)).features) \
+        .to_parquet(test_file)
+    whole = [torch.arange(0, 10), torch.arange(10, 20)]
+    data = hf(str(streamable), streaming=True, image_size=8, num_workers=0)
+    with pytest.raises(UserError, match="squares test row 2 cannot be read as an image"):
+        list(data.test.stream(whole, epoch=0))
+    data = hf(str(streamable), streaming=True, image_size=8, num_workers=0,
+              skip_bad_files=True)
+    assert [len(labels) for _, labels in data.test.stream(whole, epoch=0)] == [9, 10]

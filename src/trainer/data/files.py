@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -149,6 +150,13 @@ class ImageFiles(ImageSource):
         self.paths = self.paths[index]
 
 
+class Readable(Protocol):
+    """What BadFiles needs of a source: a name for image i, and its decoding (or ValueError)."""
+
+    def describe(self, i: int) -> str: ...
+    def load(self, i: int) -> Tensor: ...
+
+
 @dataclass
 class BadFiles:
     """What to do with unreadable images: stop naming the first, or skip and count them."""
@@ -156,7 +164,7 @@ class BadFiles:
     skip: bool
     seen: set[str] = field(default_factory=set)
 
-    def drop(self, files: ImageSource, images: Tensor, labels: Tensor, index: Tensor
+    def drop(self, files: Readable, images: Tensor, labels: Tensor, index: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
         bad = labels < 0  # on the host, before the copy: no device sync
         if not bad.any():
@@ -174,7 +182,7 @@ class BadFiles:
         return images[keep], labels[keep], index[keep]
 
 
-def _reason(files: ImageSource, i: int) -> str:
+def _reason(files: Readable, i: int) -> str:
     try:
         files.load(i)
     except ValueError as error:
