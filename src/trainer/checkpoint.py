@@ -25,6 +25,30 @@ def save(path: Path, state: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
+def keep_step_copy(last: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest last.pt as step-NNNNNN.pt beside it: a hard link, no second write
+    (last.pt is replaced by a rename, so the link keeps the old file)."""
+    if not keep:
+        return
+    copy = last.with_name(f"step-{step:06d}.pt")
+    copy.unlink(missing_ok=True)
+    os.link(last, copy)
+    for old in sorted(last.parent.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def resume_path(resume: str) -> Path:
+    """The checkpoint `resume=` names: a run directory's last.pt, or a checkpoint file."""
+    path = Path(resume)
+    return path if path.is_file() else path / "checkpoints" / "last.pt"
+
+
+def run_dir_of(resume: str) -> Path:
+    """The run directory that `resume=` continues in: the folder itself, or a checkpoint's run."""
+    path = Path(resume)
+    return path.parent.parent if path.is_file() else path
+
+
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give a run directory that holds "

@@ -30,18 +30,41 @@ log = logging.getLogger("trainer")
 
 
 def _existing_run(path: str) -> str:
-    """A run directory given on the command line must hold checkpoints (Hydra would create it)."""
+    """A run directory (or a checkpoint file in one) given on the command line must exist with
+    its checkpoints (Hydra would otherwise create it)."""
+    if Path(path).is_file() and Path(path).suffix == ".pt":
+        return str(Path(path).parent.parent)
     if not (Path(path) / "checkpoints").is_dir():
         _fail(UserError(f"{path!r} is not a run directory: it has no checkpoints/ "
-                        "(give a directory such as outputs/2026-11-28/17-03-12)"))
+                        "(give a directory such as outputs/2026-11-28/17-03-12, a checkpoint in "
+                        "one, or resume=latest)"))
     return path
+
+
+def latest_run(outputs: Path = Path("outputs")) -> str:
+    """The run under outputs/ whose last.pt was written last."""
+    found = list(outputs.glob("**/checkpoints/last.pt"))
+    if not found:
+        _fail(UserError(f"resume=latest: no run under {outputs.resolve()} has a "
+                        "checkpoints/last.pt to continue"))
+    return str(max(found, key=lambda p: p.stat().st_mtime).parent.parent)
+
+
+def _run_dir(resume: str | None, new: str) -> str:
+    if resume in (None, "auto"):  # auto: continue in hydra.run.dir if it holds a checkpoint
+        return new
+    return latest_run() if resume == "latest" else _existing_run(resume)
+
+
+def _hydra_subdir(resume: str | None, run_dir: str) -> str:
+    fresh = resume is None or (resume == "auto" and not (Path(run_dir) / ".hydra").is_dir())
+    return ".hydra" if fresh else f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
 def _register_resolvers() -> None:
     resolvers: dict[str, Callable[..., Any]] = {
-        "trainer_run_dir": lambda resume, new: _existing_run(resume) if resume else new,
-        "trainer_hydra_subdir": lambda resume: (
-            f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}" if resume else ".hydra"),
+        "trainer_run_dir": _run_dir,
+        "trainer_hydra_subdir": _hydra_subdir,
         "trainer_existing_run": _existing_run,
     }
     for name, resolver in resolvers.items():
@@ -58,12 +81,19 @@ def _fail(error: UserError) -> None:
 
 
 def _run_reporting_errors(job: Callable[[], Any]) -> Any:
-    """Run a job; a UserError becomes one line on stderr and exit status 2."""
+    """Run a job; a UserError becomes one line on stderr and exit status 2, a run stopped by a
+    signal the resume command and STOPPED_EXIT."""
+    from trainer.signals import STOPPED_EXIT, Stopped
+
     try:
         return job()
     except UserError as error:
         log.debug("user error", exc_info=True)
         _fail(error)
+    except Stopped as stopped:
+        log.info("%s", stopped)
+        print(stopped, file=sys.stderr)
+        sys.exit(STOPPED_EXIT)
 
 
 def _sweep_job(cfg: DictConfig) -> Any:
@@ -88,14 +118,18 @@ def _sweep_job(cfg: DictConfig) -> Any:
     return record["metrics"].get(metric) if metric else record["metrics"]
 
 
-def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The run's own config, with the plain key=value overrides of this command on top."""
-    from trainer.checkpoint import load
+def resumed_config(cfg: DictConfig, overrides: list[str], rerun: bool = False) -> DictConfig:
+    """The run's own config, with the plain key=value overrides of this command on top.
 
-    saved = OmegaConf.create(load(Path(cfg.resume) / "checkpoints" / "last.pt")["config"])
+    `rerun` (resume=auto): the command that started the run, run again, so its group choices are
+    the run's own and are passed over rather than refused.
+    """
+    from trainer.checkpoint import load, resume_path
+
+    saved = OmegaConf.create(load(resume_path(cfg.resume))["config"])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra"):
+        if key == "resume" or key.startswith("hydra") or (rerun and key in GROUPS):
             continue
         if key in GROUPS:
             raise UserError(f"{override}: a resumed run keeps its {key}; only keys such as "
@@ -105,14 +139,30 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return saved
 
 
+def _resume_source(resume: str | None, run_dir: Path) -> str | None:
+    """The run directory or checkpoint to continue: `latest` is the run directory Hydra was given
+    (the newest run); `auto` continues run_dir if it holds a checkpoint, else starts afresh."""
+    if resume == "latest":
+        log.info("resume=latest: continuing %s", run_dir)
+        return str(run_dir)
+    if resume == "auto":
+        found = (run_dir / "checkpoints" / "last.pt").is_file()
+        log.info("resume=auto: %s", f"continuing {run_dir}" if found else "no checkpoint yet, "
+                 "starting afresh")
+        return str(run_dir) if found else None
+    return resume
+
+
 def _train_job(cfg: DictConfig) -> Any:
     from trainer.distributed import in_process_group, launch
     from trainer.loop import train as run_training
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    rerun = cfg.resume == "auto"
+    cfg.resume = _resume_source(cfg.resume, run_dir)
     if cfg.resume:
-        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task))
+        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task), rerun)
     if hydra_cfg.mode == RunMode.MULTIRUN and "name" in cfg.logger and not cfg.logger.name:
         # TensorBoard names a run by its folder: name each sweep job by its overrides.
         cfg.logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
@@ -132,6 +182,7 @@ def _worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
     from trainer.distributed import env_rank
     from trainer.loop import train as run_training
+    from trainer.signals import STOPPED_EXIT, Stopped
 
     main = env_rank() == 0
     handlers = [logging.StreamHandler(sys.stdout)]
@@ -145,6 +196,11 @@ def _worker(config: dict, run_dir: str) -> dict[str, float]:
         if main:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stopped:
+        if main:
+            logging.getLogger("trainer").info("%s", stopped)
+            print(stopped, file=sys.stderr)
+        sys.exit(STOPPED_EXIT)
 
 
 def _join_external_group() -> None:
@@ -158,8 +214,13 @@ def _join_external_group() -> None:
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides)
+        rerun = cfg.resume == "auto"
+        if cfg.resume in ("latest", "auto"):  # decided as rank 0 decides (it writes nothing yet)
+            fixed = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+            run_dir = latest_run() if cfg.resume == "latest" else fixed[0] if fixed else None
+            cfg.resume = _resume_source(cfg.resume, Path(run_dir)) if run_dir else None
         if cfg.resume:
-            cfg = resumed_config(cfg, overrides)
+            cfg = resumed_config(cfg, overrides, rerun)
         run_training(cfg, None)
     except UserError as error:
         _fail(error)

@@ -47,6 +47,9 @@ class TrainerConfig:
     log_every: int = 20
     val_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None  # also save last.pt every this many minutes
+    keep_last: int = 0  # keep this many step-NNNNNN.pt copies of last.pt
+    skip_nonfinite: int = 0  # skip up to this many steps with a non-finite gradient norm
     monitor: str | None = None
     patience: int = 0
     eval_batches: int | None = None
@@ -103,6 +106,9 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.log_every", lambda v: v >= 1, ">= 1"),
     ("trainer.val_every", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.checkpoint_every", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.checkpoint_minutes", lambda v: v is None or v > 0, "> 0 or null"),
+    ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
+    ("trainer.skip_nonfinite", lambda v: v >= 0, ">= 0"),
     ("trainer.patience", lambda v: v >= 0, ">= 0"),
     ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("device.count", lambda v: v >= 1, ">= 1"),

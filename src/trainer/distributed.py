@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.signals import STOPPED_EXIT, Stopped
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
@@ -38,6 +40,7 @@ class Runtime:
     world: int = 1
     strategy: str = "ddp"
     sync_batchnorm: bool = False
+    control: Any = None  # a gloo group for host-side agreements (any_rank)
 
     @property
     def is_main(self) -> bool:
@@ -123,6 +126,17 @@ class Runtime:
             stacked = stacked.to(self.device)  # nccl reduces device tensors, gloo host ones
             dist.all_reduce(stacked)
         return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true on any rank. Over a gloo group of host tensors, so
+        asking every step costs no device sync."""
+        if self.world == 1:
+            return list(flags)
+        if self.control is None:
+            self.control = dist.new_group(backend="gloo")
+        values = torch.tensor(flags, dtype=torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.control)
+        return [bool(v) for v in values.tolist()]
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order (on every rank)."""
@@ -217,6 +231,7 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
     Returns rank 0's result. A failing worker ends the group (the agent stops the others within
     a monitor interval); its error is printed by the worker and summarised here.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -231,6 +246,12 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
+        if failure.exitcode == STOPPED_EXIT:  # stopped by a signal; rank 0 said how to resume
+            raise Stopped("the training processes stopped on a signal and saved last.pt (the "
+                          "resume command is printed above)") from None
         raise UserError(f"training process rank {rank} failed with exit code {failure.exitcode} "
                         "(its error is printed above); the whole group was stopped") from None
+    except SignalException as error:  # this process was signalled; the agent passed it on
+        raise Stopped(f"stopped by {signal.Signals(error.sigval).name}: the training processes "
+                      "saved last.pt (the resume command is printed above)") from None
     return results.get(0)

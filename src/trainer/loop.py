@@ -1,7 +1,8 @@
 """The one training loop: build everything from the config, step, validate, checkpoint, test.
 
-Read `train` top to bottom: it is the whole recipe. Per-family behaviour (losses, metrics,
-samples) lives in the task; everything here is the same for all five architectures.
+Read `train` top to bottom: it is the whole recipe (build, prepare, restore, fit, finish), and
+`fit` the whole loop, each cadence decision a small named function. Per-family behaviour (losses,
+metrics, samples) lives in the task; everything here is the same for all five architectures.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from trainer.data import Batch, DataModule, Split, eval_batches, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
 from trainer.logging import NullLogger, Throughput
+from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
 
@@ -43,6 +45,7 @@ class Progress:
     batch: int = 0  # micro-batches of this epoch already consumed
     best: float | None = None  # best value of the monitored metric so far
     stale: int = 0  # validations since it last improved (early stopping)
+    skipped: int = 0  # steps skipped for a non-finite gradient (trainer.skip_nonfinite)
 
 
 @dataclass
@@ -72,17 +75,56 @@ def build(cfg: DictConfig) -> Setup:
     return Setup(cfg, rt, data.to(rt.device), task, model.to(rt.device))
 
 
+@dataclass
+class Run:
+    """What a training run holds while it goes: what `fit` steps, `save` writes, `restore` fills."""
+
+    s: Setup
+    run_dir: Path
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[Any]
+    scaler: torch.amp.GradScaler
+    step_model: Any  # what the training step calls: the model, wrapped for DDP and compile
+    steps_per_epoch: int
+    total_steps: int
+    progress: Progress = field(default_factory=Progress)
+    logger: Any = field(default_factory=NullLogger)
+    saved_at: float = field(default_factory=time.monotonic)  # when last.pt was last written
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
-    """Train `cfg` in `run_dir` (continuing its last.pt when cfg.resume), test best.pt, and
+    """Train `cfg` in `run_dir` (continuing a checkpoint when cfg.resume), test best.pt, and
     return its validation and test metrics (the test metrics are also written to metrics.json).
 
-    In a process group every rank calls this; only rank 0 needs to know `run_dir`.
+    In a process group every rank calls this; only rank 0 needs to know `run_dir`. A SIGTERM or
+    a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
     s = build(cfg)
-    rt, data, task, model, tc = s.rt, s.data, s.task, s.model, cfg.trainer
-    run_dir = Path(rt.share(str(run_dir)))
-    rt.shard(model)
-    optimizers = [call(instantiate(cfg.optimizer), params) for params in task.param_groups(model)]
+    run = prepare(s, Path(s.rt.share(str(run_dir))))
+    if cfg.resume:
+        restore(run, checkpoint.resume_path(cfg.resume))
+    # purge_step drops what a killed run logged after its last checkpoint (step T's own scalars
+    # were logged before last.pt was written, so they stay).
+    if s.rt.is_main:
+        run.logger = instantiate(cfg.logger, run_dir=run.run_dir,
+                                 purge_step=run.progress.step + 1)
+    if run.progress.step == 0:
+        run.logger.config(OmegaConf.to_yaml(cfg))
+    with StopRequest() as stop:
+        fit(run, stop)
+    return finish(run)
+
+
+def prepare(s: Setup, run_dir: Path) -> Run:
+    """Optimizers, schedulers and scaler for the model (sharded first under FSDP)."""
+    rt, data, tc = s.rt, s.data, s.cfg.trainer
+    rt.shard(s.model)
+    optimizers = [call(instantiate(s.cfg.optimizer), params)
+                  for params in s.task.param_groups(s.model)]
     per_step = data.batch_size * rt.world * tc.accumulate
     steps_per_epoch = len(data.train) // per_step
     if steps_per_epoch == 0:
@@ -90,142 +132,214 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
                         f"trainer.accumulate={tc.accumulate} = {per_step} samples per step, more "
                         f"than the {len(data.train)} training samples: lower data.batch_size")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
-    schedulers = [call(instantiate(cfg.scheduler), optimizer=o, total_steps=total_steps)
+    schedulers = [call(instantiate(s.cfg.scheduler), optimizer=o, total_steps=total_steps)
                   for o in optimizers]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "16")
-    checkpoints = run_dir / "checkpoints"
-    progress = Progress()
-    if cfg.resume:
-        source = Path(cfg.resume) / "checkpoints" / "last.pt"
-        state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
-        with checkpoint.reported_as_mismatch(source):
-            rt.load_model_state(model, state["model"])
-            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
-                rt.load_optimizer_state(model, optimizer, saved)
-        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
-        if state["scaler"]:  # empty when the run was not in 16-bit precision
-            scaler.load_state_dict(state["scaler"])
-        progress = Progress(**state["progress"])
-        rng = state["rng"]  # one state per rank; a different world size reuses them in turn
-        checkpoint.set_rng_state(rng[rt.rank % len(rng)], rt.device)
-        log.info("resumed from %s at step %d", source, progress.step)
 
-    def save(name: str, metrics: dict[str, float]) -> None:
-        # Every rank takes part: under FSDP gathering the full state is a collective.
-        model_state = rt.model_state(model)
-        optimizer_states = [rt.optimizer_state(model, o) for o in optimizers]
-        rng = rt.gather(checkpoint.rng_state(rt.device))
-        if rt.is_main:
-            checkpoint.save(checkpoints / f"{name}.pt", {
-                "model": model_state,
-                "optimizers": optimizer_states,
-                "schedulers": [s.state_dict() for s in schedulers],
-                "scaler": scaler.state_dict(),
-                "progress": asdict(progress),
-                "rng": rng,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "metrics": metrics,
-            })
-
-    # purge_step drops what a killed run logged after its last checkpoint (step T's own scalars
-    # were logged before last.pt was written, so they stay).
-    logger = instantiate(cfg.logger, run_dir=run_dir, purge_step=progress.step + 1) \
-        if rt.is_main else NullLogger()
-    if progress.step == 0:
-        logger.config(OmegaConf.to_yaml(cfg))
-    def prepare(module: nn.Module) -> nn.Module:  # what the training step calls
+    def wrap(module: nn.Module) -> nn.Module:
         wrapped = rt.wrap(module)
-        return torch.compile(wrapped) if cfg.device.compile else wrapped
+        return torch.compile(wrapped) if s.cfg.device.compile else wrapped
 
-    step_model = task.distribute(model, prepare)
-    monitor, mode = _monitor(tc.monitor, task)
-    flops = getattr(model, "flops_per_item", lambda: 0.0)()  # per image, or per token of text
-    meter = Throughput(task.unit, rt.device, flops, rt.world)
+    return Run(s, run_dir, optimizers, schedulers, scaler, s.task.distribute(s.model, wrap),
+               steps_per_epoch, total_steps)
+
+
+def restore(run: Run, source: Path) -> None:
+    """Continue from a checkpoint: weights, optimizer and scheduler states, scaler, progress and
+    this rank's random generators."""
+    rt, model = run.s.rt, run.s.model
+    state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
+    with checkpoint.reported_as_mismatch(source):
+        rt.load_model_state(model, state["model"])
+        for optimizer, saved in zip(run.optimizers, state["optimizers"], strict=True):
+            rt.load_optimizer_state(model, optimizer, saved)
+    for scheduler, saved in zip(run.schedulers, state["schedulers"], strict=True):
+        scheduler.load_state_dict(saved)
+    if state["scaler"]:  # empty when the run was not in 16-bit precision
+        run.scaler.load_state_dict(state["scaler"])
+    run.progress = Progress(**state["progress"])
+    rng = state["rng"]  # one state per rank; a different world size reuses them in turn
+    checkpoint.set_rng_state(rng[rt.rank % len(rng)], rt.device)
+    log.info("resumed from %s at step %d", source, run.progress.step)
+
+
+def fit(run: Run, stop: StopRequest) -> None:
+    """Step until the budget is spent, early stopping triggers, or a signal asks to stop."""
+    s, progress, tc = run.s, run.progress, run.s.cfg.trainer
+    monitor, mode = _monitor(tc.monitor, s.task)
+    flops = getattr(s.model, "flops_per_item", lambda: 0.0)()  # per image, or per text token
+    meter = Throughput(s.task.unit, s.rt.device, flops, s.rt.world)
     running: dict[str, Tensor] = {}  # train/ scalars summed on the device between reports
-    running_steps = 0
     batches: tuple[int, Iterator[Batch]] | None = None  # this epoch's, from progress.batch on
-    bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
-               disable=not (rt.is_main and tc.progress))
+    bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+               disable=not (s.rt.is_main and tc.progress))
     with logging_redirect_tqdm(), bar:
-        while progress.step < total_steps:
+        while progress.step < run.total_steps:
             if batches is None or batches[0] != progress.epoch:
-                order = train_batches(len(data.train), data.batch_size, cfg.seed, progress.epoch,
-                                      rt.rank, rt.world)
-                batches = (progress.epoch, data.train.stream(order[progress.batch:],
-                                                             progress.epoch))
+                order = train_batches(len(s.data.train), s.data.batch_size, s.cfg.seed,
+                                      progress.epoch, s.rt.rank, s.rt.world)
+                batches = (progress.epoch, s.data.train.stream(order[progress.batch:],
+                                                               progress.epoch))
             fetch_start = time.perf_counter()  # streamed data: the wait for the workers
             micro_batches = [next(batches[1]) for _ in range(tc.accumulate)]
             meter.data_seconds += time.perf_counter() - fetch_start
-
-            logs = train_step(task, step_model, optimizers, scaler, micro_batches, rt,
-                              tc.grad_clip)
-            for scheduler in schedulers:
-                scheduler.step()
-            for key, value in logs.items():
-                running[key] = running.get(key, 0.0) + value
-            running_steps += 1
-            progress.step += 1
-            progress.batch += tc.accumulate
-            meter.steps += 1
-            meter.samples += sum(task.count(b) for b in micro_batches) * rt.world
+            logs, skipped = train_step(s.task, run.step_model, run.optimizers, run.scaler,
+                                       micro_batches, s.rt, tc.grad_clip, tc.skip_nonfinite > 0)
+            advance(run, {} if skipped else logs, micro_batches, running, meter)
+            if skipped:
+                _count_skipped(run)
             bar.update()
-            end_of_epoch = progress.batch >= steps_per_epoch * tc.accumulate
-            if end_of_epoch:
-                progress.epoch, progress.batch = progress.epoch + 1, 0
-            last = progress.step == total_steps
-
-            if progress.step % tc.log_every == 0 or last:
-                sums = rt.sum_across_ranks(running)  # the mean over all ranks' batches
-                train_metrics = {f"train/{k}": v / (running_steps * rt.world)
-                                 for k, v in sums.items()}
-                _check_finite(train_metrics["train/loss"], progress.step, cfg, run_dir)
-                train_metrics["train/lr"] = optimizers[-1].param_groups[0]["lr"]
-                logger.scalars({**train_metrics, **meter.report()}, progress.step)
-                bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}")
-                log.info("step %d/%d epoch %d | %s", progress.step, total_steps, progress.epoch,
-                         _fmt(train_metrics))
-                running, running_steps = {}, 0
-
-            due = progress.step % tc.val_every == 0 if tc.val_every else end_of_epoch
-            if due or last:
-                val = evaluate_split(s, data.val, tc.eval_batches, prefix="val")
-                _check_finite(val["val/loss"], progress.step, cfg, run_dir)
-                logger.scalars(val, progress.step)
-                model.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
-                task.show(model, data.val, logger, progress.step)
-                model.train()
-                improved = _improved(val, monitor, mode, progress)
-                save("last", val)
-                if improved:
-                    save("best", val)
-                log.info("step %d validation | %s%s", progress.step, _fmt(val),
-                         " (best)" if improved and monitor else "")
-                if tc.patience and progress.stale >= tc.patience:
-                    log.info("early stop: %s did not improve in %d validations", monitor,
-                             tc.patience)
-                    break
+            if progress.step % tc.log_every == 0 or progress.step == run.total_steps:
+                report(run, running, meter, bar)
+                running.clear()
+            stopping, timed = s.rt.any_rank(stop.reason is not None, _checkpoint_due(run))
+            if _validation_due(run):
+                if validation(run, monitor, mode):
+                    break  # early stop
                 meter.reset()  # throughput counts training only
-            elif tc.checkpoint_every and progress.step % tc.checkpoint_every == 0:
-                save("last", {})
+            elif stopping or timed or _step_checkpoint_due(run):
+                save(run, "last", {})
+            if stopping:
+                raise Stopped.at(stop.reason or "a signal to another rank", progress.step,
+                                 str(run.run_dir))
 
-    rt.barrier()  # rank 0 has written best.pt
-    test, best_val = test_checkpoint(s, checkpoints / "best.pt")
+
+def advance(run: Run, logs: dict[str, Tensor], micro_batches: list[Batch],
+            running: dict[str, Tensor], meter: Throughput) -> None:
+    """Book one optimizer step: schedules, progress, the running sums reported at log steps."""
+    progress, tc = run.progress, run.s.cfg.trainer
+    for scheduler in run.schedulers:
+        scheduler.step()
+    for key, value in logs.items():
+        running[key] = running.get(key, 0.0) + value
+    running["steps"] = running.get("steps", 0) + bool(logs)  # skipped steps add no loss
+    progress.step += 1
+    progress.batch += tc.accumulate
+    meter.steps += 1
+    meter.samples += sum(run.s.task.count(b) for b in micro_batches) * run.s.rt.world
+    if progress.batch >= run.steps_per_epoch * tc.accumulate:  # the end of an epoch
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+
+
+def report(run: Run, running: dict[str, Tensor], meter: Throughput, bar: tqdm) -> None:
+    """train/ and perf/ scalars: the mean over all ranks' steps since the last report."""
+    rt, progress = run.s.rt, run.progress
+    steps = running.pop("steps")
+    sums = rt.sum_across_ranks(running)
+    metrics = {f"train/{k}": v / (max(steps, 1) * rt.world) for k, v in sums.items()}
+    if "train/loss" in metrics:  # absent when every step since the last report was skipped
+        _check_finite(metrics["train/loss"], progress.step, run.s.cfg, run.run_dir)
+    metrics["train/lr"] = run.optimizers[-1].param_groups[0]["lr"]
+    if run.s.cfg.trainer.skip_nonfinite:
+        metrics["train/skipped_steps"] = progress.skipped
+    run.logger.scalars({**metrics, **meter.report()}, progress.step)
+    bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4f}")
+    log.info("step %d/%d epoch %d | %s", progress.step, run.total_steps, progress.epoch,
+             _fmt(metrics))
+
+
+def validation(run: Run, monitor: str | None, mode: str) -> bool:
+    """Measure the validation split, show samples, save last.pt (and best.pt when it improved).
+    Returns whether early stopping ends the run."""
+    s, progress, tc = run.s, run.progress, run.s.cfg.trainer
+    val = evaluate_split(s, s.data.val, tc.eval_batches, prefix="val")
+    _check_finite(val["val/loss"], progress.step, s.cfg, run.run_dir)
+    run.logger.scalars(val, progress.step)
+    s.model.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
+    s.task.show(s.model, s.data.val, run.logger, progress.step)
+    s.model.train()
+    improved = _improved(val, monitor, mode, progress)
+    save(run, "last", val)
+    if improved:
+        save(run, "best", val)
+    log.info("step %d validation | %s%s", progress.step, _fmt(val),
+             " (best)" if improved and monitor else "")
+    if tc.patience and progress.stale >= tc.patience:
+        log.info("early stop: %s did not improve in %d validations", monitor, tc.patience)
+        return True
+    return False
+
+
+def _count_skipped(run: Run) -> None:
+    """trainer.skip_nonfinite: a few non-finite steps are skipped; more end the run."""
+    run.progress.skipped += 1
+    allowed = run.s.cfg.trainer.skip_nonfinite
+    log.warning("step %d: the gradient norm is not finite; step skipped (%d of %d allowed)",
+                run.progress.step, run.progress.skipped, allowed)
+    if run.progress.skipped > allowed:
+        raise UserError(f"{run.progress.skipped} steps had a non-finite loss or gradient, more "
+                        f"than trainer.skip_nonfinite={allowed}: training diverged. Lower "
+                        f"optimizer.lr (now {run.s.cfg.optimizer.lr}) or set trainer.grad_clip; "
+                        f"checkpoints saved so far are kept in {run.checkpoints}")
+
+
+def _validation_due(run: Run) -> bool:
+    progress, tc = run.progress, run.s.cfg.trainer
+    if progress.step == run.total_steps:
+        return True
+    return progress.step % tc.val_every == 0 if tc.val_every else progress.batch == 0
+
+
+def _step_checkpoint_due(run: Run) -> bool:
+    every = run.s.cfg.trainer.checkpoint_every
+    return bool(every) and run.progress.step % every == 0
+
+
+def _checkpoint_due(run: Run) -> bool:
+    """trainer.checkpoint_minutes of wall time since last.pt was written (rank 0's clock)."""
+    minutes = run.s.cfg.trainer.checkpoint_minutes
+    return bool(minutes) and run.s.rt.is_main and \
+        time.monotonic() - run.saved_at >= 60 * minutes
+
+
+def save(run: Run, name: str, metrics: dict[str, float]) -> None:
+    """Write checkpoints/<name>.pt; last.pt also keeps trainer.keep_last step-NNNNNN.pt copies.
+    Every rank takes part: under FSDP gathering the full state is a collective."""
+    rt, model = run.s.rt, run.s.model
+    model_state = rt.model_state(model)
+    optimizer_states = [rt.optimizer_state(model, o) for o in run.optimizers]
+    rng = rt.gather(checkpoint.rng_state(rt.device))
     if rt.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
-        logger.scalars(test, progress.step)
-        logger.hparams(_hparams(cfg), test)
-    logger.close()
+        path = run.checkpoints / f"{name}.pt"
+        checkpoint.save(path, {
+            "model": model_state,
+            "optimizers": optimizer_states,
+            "schedulers": [s.state_dict() for s in run.schedulers],
+            "scaler": run.scaler.state_dict(),
+            "progress": asdict(run.progress),
+            "rng": rng,
+            "config": OmegaConf.to_container(run.s.cfg, resolve=True),
+            "metrics": metrics,
+        })
+        if name == "last":
+            checkpoint.keep_step_copy(path, run.progress.step, run.s.cfg.trainer.keep_last)
+    if name == "last":
+        run.saved_at = time.monotonic()
+
+
+def finish(run: Run) -> dict[str, float]:
+    """Test best.pt; write metrics.json and the hparams entry."""
+    rt = run.s.rt
+    rt.barrier()  # rank 0 has written best.pt
+    test, best_val = test_checkpoint(run.s, run.checkpoints / "best.pt")
+    if rt.is_main:
+        (run.run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
+        run.logger.scalars(test, run.progress.step)
+        run.logger.hparams(_hparams(run.s.cfg), test)
+    run.logger.close()
     log.info("test | %s", _fmt(test))
     return {**best_val, **test}
 
 
 def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
                scaler: torch.amp.GradScaler, micro_batches: list[tuple[Tensor, Tensor]],
-               rt: Runtime, grad_clip: float) -> dict[str, Tensor]:
-    """One optimizer step per optimizer, each over all micro-batches. No host sync."""
+               rt: Runtime, grad_clip: float, skip_nonfinite: bool = False
+               ) -> tuple[dict[str, Tensor], bool]:
+    """One optimizer step per optimizer, each over all micro-batches, and whether a step was
+    skipped for a non-finite gradient norm. No host sync unless `skip_nonfinite` asks for one."""
     logs: dict[str, Tensor] = {}
     total = torch.zeros((), device=rt.device)
+    skipped = False
     for stage, optimizer in enumerate(optimizers):
         for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
             each.zero_grad(set_to_none=True)
@@ -237,13 +351,17 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
             total += loss.detach().float() / len(micro_batches)
             for key, value in extra.items():
                 logs[key] = logs.get(key, 0.0) + value.detach().float() / len(micro_batches)
-        if grad_clip:
+        if grad_clip or skip_nonfinite:
             scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            nn.utils.clip_grad_norm_(params, grad_clip)
+            norm = nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+            # The gradients are all-reduced, so every rank sees the same norm and skips alike.
+            if skip_nonfinite and not torch.isfinite(norm).item():  # host sync
+                skipped = True
+                continue
         scaler.step(optimizer)
     scaler.update()
-    return {"loss": total, **logs}
+    return {"loss": total, **logs}, skipped
 
 
 @torch.no_grad()

@@ -1,0 +1,157 @@
+"""A run survives: SIGTERM and Ctrl-C save and say how to resume, timed and kept checkpoints,
+resume=latest and resume=auto, skipped non-finite steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import assert_clean_error, compose_train, run_cli, run_dirs
+from trainer import loop
+from trainer.signals import STOPPED_EXIT, Stopped
+
+RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
+       "trainer.val_every=100"]
+
+
+def state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def signal_at(monkeypatch, step: int, number: int = signal.SIGTERM) -> None:
+    """Send this process `number` while training step `step` runs."""
+    real, calls = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), number)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_step_saves_and_the_run_resumes_exactly(tmp_path, monkeypatch,
+                                                                   number):
+    full = loop.train(compose_train(*RUN, "trainer.max_steps=10"), tmp_path / "full")
+    signal_at(monkeypatch, 4, number)
+    with pytest.raises(Stopped, match=f"stopped by {signal.Signals(number).name} at step 4"):
+        loop.train(compose_train(*RUN, "trainer.max_steps=10"), tmp_path / "stopped")
+    monkeypatch.undo()
+    saved = state(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert saved["progress"]["step"] == 4
+    cfg = OmegaConf.create(saved["config"])
+    cfg.resume = str(tmp_path / "stopped")
+    assert loop.train(cfg, tmp_path / "stopped") == full
+    final = [state(run / "checkpoints" / "last.pt")["model"]
+             for run in (tmp_path / "full", tmp_path / "stopped")]
+    assert all(torch.equal(final[0][k], v) for k, v in final[1].items())
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, processes):
+    """The real CLI, one process or two gloo ranks under the launcher: SIGTERM mid-run."""
+    args = ["train", "debug=fast", "trainer.max_steps=100000", "trainer.log_every=1",
+            "trainer.val_every=100000", "device=cpu", f"device.count={processes}"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "step 3/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == STOPPED_EXIT, stderr
+    assert "Traceback" not in stderr
+    [run] = run_dirs(tmp_path)
+    assert f"Resume with: train resume={run}" in stderr
+    step = state(run / "checkpoints" / "last.pt")["progress"]["step"]
+    assert 3 <= step < 100000
+    result = run_cli("train", f"resume={run}", f"trainer.max_steps={step + 2}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == step + 2
+
+
+def test_kept_checkpoints_and_resuming_from_one(tmp_path):
+    run = tmp_path / "run"
+    loop.train(compose_train(*RUN, "trainer.max_steps=8", "trainer.checkpoint_every=2",
+                             "trainer.keep_last=2"), run)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-000006.pt", "step-000008.pt"]
+    assert state(run / "checkpoints" / "step-000006.pt")["progress"]["step"] == 6
+    result = run_cli("train", f"resume={run / 'checkpoints' / 'step-000006.pt'}",
+                     "trainer.max_steps=9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "step-000006.pt at step 6" in result.stdout
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 9
+
+
+def test_timed_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    loop.train(compose_train(*RUN, "trainer.max_steps=5", "trainer.checkpoint_minutes=1e-9",
+                             "trainer.keep_last=10"), run)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert kept == [f"step-00000{i}.pt" for i in range(1, 6)]  # every step: the time was up
+
+
+def test_resume_latest_and_auto(tmp_path):
+    first = run_cli("train", "debug=fast", "logger=none", "trainer.max_steps=3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    [run] = run_dirs(tmp_path)
+    latest = run_cli("train", "resume=latest", "trainer.max_steps=5", cwd=tmp_path)
+    assert latest.returncode == 0, latest.stderr
+    assert f"resume=latest: continuing {run}" in latest.stdout
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
+
+    job = ["train", "debug=fast", "logger=none", "hydra.run.dir=outputs/slurm-42",
+           "resume=auto"]
+    fresh = run_cli(*job, "trainer.max_steps=3", cwd=tmp_path)
+    assert fresh.returncode == 0 and "no checkpoint yet, starting afresh" in fresh.stdout
+    again = run_cli(*job, "trainer.max_steps=4", cwd=tmp_path)  # the requeued job
+    assert again.returncode == 0, again.stderr
+    saved = state(tmp_path / "outputs" / "slurm-42" / "checkpoints" / "last.pt")
+    assert saved["progress"]["step"] == 4
+
+
+def test_resume_latest_without_runs(tmp_path):
+    assert_clean_error(run_cli("train", "resume=latest", cwd=tmp_path),
+                       "resume=latest: no run under")
+
+
+def test_non_finite_steps_are_skipped_up_to_a_limit(tmp_path, monkeypatch):
+    real = loop.train_step
+
+    def poison_once(param):
+        def hook(grad):
+            handle.remove()
+            return grad * float("nan")
+
+        handle = param.register_hook(hook)
+
+    def poisoned(task, model, optimizers, *args, **kwargs):
+        if poisoned.calls in (1, 3):  # the 2nd and 4th steps get a NaN gradient
+            poison_once(optimizers[0].param_groups[0]["params"][0])
+        poisoned.calls += 1
+        return real(task, model, optimizers, *args, **kwargs)
+
+    poisoned.calls = 0
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    metrics = loop.train(compose_train(*RUN, "model.dropout=0", "trainer.max_steps=6",
+                                       "trainer.skip_nonfinite=2"), tmp_path / "ok")
+    saved = state(tmp_path / "ok" / "checkpoints" / "last.pt")
+    assert saved["progress"]["skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+
+    poisoned.calls = 0
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="more than trainer.skip_nonfinite=1"):
+        loop.train(compose_train(*RUN, "model.dropout=0", "trainer.max_steps=6",
+                                 "trainer.skip_nonfinite=1"), tmp_path / "too_many")
