@@ -66,16 +66,6 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path):
     assert len(list((two / "tensorboard").glob("events.*"))) == 1
 
 
-def test_two_ranks_streaming_a_folder_reproduce_one(tmp_path, image_folder):
-    """Each rank decodes only its share of every global batch, augmented by sample index."""
-    streamed = [*EXACT, "data=image_folder", f"data.path={image_folder}", "data.image_size=8",
-                "data.in_memory=false", "data.augment=flip_crop", "logger=none"]
-    one = train_ok(tmp_path / "one", *streamed, "data.batch_size=16")
-    two = train_ok(tmp_path / "two", *streamed, "data.batch_size=8", "device.count=2")
-    assert_close(metrics(two), metrics(one))
-    assert_same_weights(two, one)
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_every_architecture_trains_under_ddp(tmp_path, model):
     run = train_ok(tmp_path, "debug=fast", "device=cpu", "device.count=2", f"model={model}",

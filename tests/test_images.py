@@ -152,3 +152,21 @@ def test_bad_data_options(tmp_path, image_folder, key, fragment):
     result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
                      key, cwd=tmp_path)
     assert_clean_error(result, fragment)
+
+
+def test_streaming_ranks_decode_their_share_of_every_global_batch(image_folder):
+    """What two ranks stream of an epoch, side by side, is what one rank streams at twice the
+    batch: the same images, augmented alike."""
+    from trainer.data import train_batches
+
+    data = load_image_folder(str(image_folder), image_size=8, in_memory=False, num_workers=0,
+                             augment="flip_crop")
+
+    def streamed(rank, world, batch_size):
+        order = train_batches(len(data.train), batch_size, 0, 2, rank, world)
+        return list(data.train.stream(order, epoch=2))
+
+    for whole, *shares in zip(streamed(0, 1, 8), streamed(0, 2, 4), streamed(1, 2, 4),
+                              strict=True):
+        assert torch.equal(whole[0], torch.cat([share[0] for share in shares]))
+        assert torch.equal(whole[1], torch.cat([share[1] for share in shares]))

@@ -100,23 +100,20 @@ def test_timed_checkpoints(tmp_path):
     assert kept == [f"step-00000{i}.pt" for i in range(1, 6)]  # every step: the time was up
 
 
-def test_resume_latest_and_auto(tmp_path):
-    first = run_cli("train", "debug=fast", "logger=none", "trainer.max_steps=3", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    [run] = run_dirs(tmp_path)
-    latest = run_cli("train", "resume=latest", "trainer.max_steps=5", cwd=tmp_path)
-    assert latest.returncode == 0, latest.stderr
-    assert f"resume=latest: continuing {run}" in latest.stdout
-    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
-
+def test_resume_auto_and_latest(tmp_path):
+    """A requeued job reruns its command: resume=auto starts afresh, then continues."""
     job = ["train", "debug=fast", "logger=none", "hydra.run.dir=outputs/slurm-42",
            "resume=auto"]
     fresh = run_cli(*job, "trainer.max_steps=3", cwd=tmp_path)
     assert fresh.returncode == 0 and "no checkpoint yet, starting afresh" in fresh.stdout
-    again = run_cli(*job, "trainer.max_steps=4", cwd=tmp_path)  # the requeued job
+    again = run_cli(*job, "trainer.max_steps=4", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    saved = state(tmp_path / "outputs" / "slurm-42" / "checkpoints" / "last.pt")
-    assert saved["progress"]["step"] == 4
+    run = tmp_path / "outputs" / "slurm-42"
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 4
+    latest = run_cli("train", "resume=latest", "trainer.max_steps=5", cwd=tmp_path)
+    assert latest.returncode == 0, latest.stderr
+    assert f"resume=latest: continuing {run}" in latest.stdout
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
 
 
 def test_resume_latest_without_runs(tmp_path):

@@ -228,7 +228,8 @@ def _join_external_group() -> None:
 
 def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
     from trainer import checkpoint
-    from trainer.loop import build, test_checkpoint
+    from trainer.evaluation import test_checkpoint
+    from trainer.loop import build
 
     run_dir = Path(cfg.run_dir)
     path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 log = logging.getLogger("trainer")
@@ -127,3 +128,24 @@ def peak_flops(device: torch.device) -> float:
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The config flattened to dotted keys with TensorBoard-friendly values."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not str(key).startswith("_"):
+                    walk(value, f"{prefix}{key}.")
+        else:
+            value = node if isinstance(node, (int, float, str, bool)) else str(node)
+            flat[prefix[:-1]] = value
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("model", "data", "optimizer", "scheduler", "trainer", "device"):
+        walk(container[group], f"{group}.")
+    flat["model"] = cfg.model._target_.rsplit(".", 1)[-1].lower()
+    flat["seed"] = cfg.seed
+    return flat

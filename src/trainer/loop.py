@@ -25,10 +25,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
 from trainer.config import call, instantiate, validate
-from trainer.data import Batch, DataModule, Split, eval_batches, train_batches
+from trainer.data import Batch, DataModule, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
-from trainer.logging import NullLogger, Throughput
+from trainer.evaluation import evaluate_split, test_checkpoint
+from trainer.logging import NullLogger, Throughput, hparams_of
 from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
@@ -325,7 +326,7 @@ def finish(run: Run) -> dict[str, float]:
     if rt.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
         run.logger.scalars(test, run.progress.step)
-        run.logger.hparams(_hparams(run.s.cfg), test)
+        run.logger.hparams(hparams_of(run.s.cfg), test)
     run.logger.close()
     log.info("test | %s", _fmt(test))
     return {**best_val, **test}
@@ -364,35 +365,6 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
     return {"loss": total, **logs}, skipped
 
 
-@torch.no_grad()
-def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
-                   prefix: str = "test") -> dict[str, float]:
-    """The task's metrics over a split (every sample once across ranks), as `prefix/name`."""
-    s.model.eval()
-    totals: dict[str, Tensor] = {}
-    n = len(split)
-    if max_batches:  # a cap on global batches, so every world size scores the same samples
-        n = min(n, max_batches * s.data.batch_size * s.rt.world)
-    for batch in split.stream(eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world), 0):
-        with s.rt.autocast():
-            sums = s.task.eval_step(s.model, batch)
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + value.float()
-    s.model.train()
-    metrics = s.task.metrics(s.rt.sum_across_ranks(totals))
-    return {f"{prefix}/{key}": value for key, value in metrics.items()}
-
-
-def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None
-                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """Load a checkpoint's weights into the model and measure the test split; also return the
-    validation metrics saved with it. `state` is the checkpoint at `path` if already loaded."""
-    state = state or checkpoint.load(path)
-    with checkpoint.reported_as_mismatch(path):
-        s.rt.load_model_state(s.model, state["model"])
-    return evaluate_split(s, s.data.test), state["metrics"]
-
-
 def _monitor(name: str | None, task: Task) -> tuple[str | None, str]:
     if name is None:
         return task.monitor or (None, "min")
@@ -426,24 +398,3 @@ def _check_finite(loss: float, step: int, cfg: DictConfig, run_dir: Path) -> Non
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-
-
-def _hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config flattened to dotted keys with TensorBoard-friendly values."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not str(key).startswith("_"):
-                    walk(value, f"{prefix}{key}.")
-        else:
-            value = node if isinstance(node, (int, float, str, bool)) else str(node)
-            flat[prefix[:-1]] = value
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("model", "data", "optimizer", "scheduler", "trainer", "device"):
-        walk(container[group], f"{group}.")
-    flat["model"] = cfg.model._target_.rsplit(".", 1)[-1].lower()
-    flat["seed"] = cfg.seed
-    return flat
