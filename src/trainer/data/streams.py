@@ -6,13 +6,11 @@ is the stream shuffled with (seed + e) through a buffer; global batch g is its n
 `batch_size x world` rows and rank r takes the r-th slice, as with data held in memory, so N ranks
 train exactly as one. A resumed run skips the rows its earlier steps took (read again, not
 decoded). Evaluation reads its split in order, rank r taking every world-th row. Rows are decoded
-in worker processes, a few batches ahead.
+by DataLoader workers, a few batches ahead.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -21,29 +19,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.data import Batch
 from trainer.data.files import BadFiles, decode
 from trainer.data.transforms import Augment, to_unit_range
 
-PREFETCH_PER_WORKER = 2  # batches decoded ahead, per worker process
+PREFETCH_PER_WORKER = 4  # batches decoded ahead, per worker process
 
 
-def _decode_rows(rows: list[tuple[int, Any, int]], size: int, channels: int
-                 ) -> tuple[Tensor, Tensor, Tensor, dict[int, str]]:
-    """(images, labels, positions, why each unreadable row failed) of encoded rows; an
-    unreadable row gets label -1 and a blank image."""
-    images, labels, reasons = [], [], {}
-    for position, encoded, label in rows:
+class _RowDecoder(Dataset):
+    """Decodes the rows the batch sampler hands it: a stream's "indices" are its rows
+    (position, encoded image, label), so DataLoader's workers decode them in order, a few
+    batches ahead. An unreadable row gets label -1, a blank image, and the reason."""
+
+    def __init__(self, size: int, channels: int) -> None:
+        self.size, self.channels = size, channels
+
+    def __getitem__(self, row: tuple[int, Any, int]) -> tuple[Tensor, int, int, str]:
+        position, encoded, label = row
         try:
-            images.append(decode(encoded, size, channels))
-            labels.append(label)
+            return decode(encoded, self.size, self.channels), label, position, ""
         except ValueError as error:
-            images.append(torch.zeros(channels, size, size, dtype=torch.uint8))
-            labels.append(-1)
-            reasons[position] = str(error)
-    positions = torch.tensor([position for position, _, _ in rows])
-    return torch.stack(images), torch.tensor(labels), positions, reasons
+            blank = torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8)
+            return blank, -1, position, str(error) or "unreadable"
 
 
 @dataclass
@@ -85,7 +84,7 @@ class HFStreamSplit:
         """The rows at these positions of the unshuffled stream (to show a few samples)."""
         wanted = set(index.tolist())
         rows = [row for row in islice(self._rows(None), max(wanted) + 1) if row[0] in wanted]
-        images, labels, _ = self._finish(*_decode_rows(rows, self.rows.size, self.rows.channels))
+        images, labels, _ = self._finish(*next(self._decoded(iter([rows]))))
         return images, labels
 
     def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
@@ -114,19 +113,16 @@ class HFStreamSplit:
             yield position, encoded, int(row[self.label_column]) if self.label_column else 0
 
     def _decoded(self, batches: Iterator[list]) -> Iterator[tuple]:
-        """Decode batches of rows in `workers` processes, in order, a few batches ahead."""
-        size, channels = self.rows.size, self.rows.channels
-        if not self.workers:
-            yield from (_decode_rows(rows, size, channels) for rows in batches)
-            return
-        with multiprocessing.get_context("fork").Pool(self.workers) as pool:
-            pending: deque = deque()
-            for rows in batches:
-                pending.append(pool.apply_async(_decode_rows, (rows, size, channels)))
-                if len(pending) > self.workers * PREFETCH_PER_WORKER:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+        """(images, labels, positions, reasons) of each batch of rows, decoded by `workers`
+        DataLoader processes (their own generator: the global RNG stays untouched)."""
+        loader = DataLoader(_RowDecoder(self.rows.size, self.rows.channels),
+                            batch_sampler=batches, num_workers=self.workers,
+                            prefetch_factor=PREFETCH_PER_WORKER if self.workers else None,
+                            generator=torch.Generator())
+        for images, labels, positions, reasons in loader:
+            yield images, labels, positions, {
+                p: reason for p, reason in zip(positions.tolist(), reasons, strict=True)
+                if reason}
 
     def _finish(self, images: Tensor, labels: Tensor, positions: Tensor,
                 reasons: dict[int, str]) -> tuple[Tensor, Tensor, Tensor]:
