@@ -152,3 +152,32 @@ def test_non_finite_steps_are_skipped_up_to_a_limit(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="more than trainer.skip_nonfinite=1"):
         loop.train(compose_train(*RUN, "model.dropout=0", "trainer.max_steps=6",
                                  "trainer.skip_nonfinite=1"), tmp_path / "too_many")
+
+
+def test_a_full_disk_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from trainer import checkpoint
+    from trainer.errors import UserError
+
+    run = tmp_path / "run"
+    loop.train(compose_train(*RUN, "trainer.max_steps=2"), run)
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_fills(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_fills)
+    with pytest.raises(UserError, match="No space left on device.*the previous last.pt is kept"):
+        checkpoint.save(run / "checkpoints" / "last.pt", {"model": {}})
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not list((run / "checkpoints").glob("*.partial"))
+    # A process killed mid-write leaves its .partial file behind; resuming never reads it.
+    (run / "checkpoints" / "last.pt.partial").write_bytes(b"half a checkpoint")
+    cfg = OmegaConf.create(state(run / "checkpoints" / "last.pt")["config"])
+    cfg.trainer.max_steps, cfg.resume = 3, str(run)
+    loop.train(cfg, run)
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 3

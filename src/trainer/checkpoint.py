@@ -16,13 +16,19 @@ from trainer.errors import UserError
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError as error:  # a full disk, a lost mount, no permission
+        partial.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is kept" if path.is_file() else "nothing was replaced"
+        raise UserError(f"could not write checkpoint {path} ({error.strerror or error}); "
+                        f"{kept}: free space or fix the folder, then resume") from None
 
 
 def keep_step_copy(last: Path, step: int, keep: int) -> None:
