@@ -92,3 +92,10 @@ def test_evaluate_with_a_mismatched_checkpoint(tmp_path):
 def test_evaluate_of_a_missing_run(tmp_path):
     assert_clean_error(run_cli("evaluate", "run_dir=nowhere", cwd=tmp_path),
                        "'nowhere' is not a run directory")
+
+
+def test_an_output_folder_that_cannot_be_written(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_cli("train", "debug=fast", f"hydra.run.dir={tmp_path / 'afile' / 'run'}",
+                     cwd=tmp_path)
+    assert_clean_error(result, "cannot be created", "afile is not a folder")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -260,6 +261,19 @@ def _evaluate_main(cfg: DictConfig) -> Any:
     return _run_reporting_errors(lambda: _evaluate_job(cfg))
 
 
+def _check_output_folder(args: list[str]) -> None:
+    """Where the run directory will go must be a folder this process can write (else Hydra
+    fails creating it, with a traceback)."""
+    given = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("hydra.run.dir",
+                                                                         "hydra.sweep.dir")]
+    target = Path(given[0] if given else "outputs").absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        _fail(UserError(f"the run directory {target} cannot be created: {existing} is "
+                        f"{'not a folder' if not existing.is_dir() else 'not writable'}; run "
+                        "from a writable folder or set hydra.run.dir=DIR"))
+
+
 def train() -> None:
     """Console script `train`."""
     from trainer.distributed import env_rank, in_process_group
@@ -267,6 +281,7 @@ def train() -> None:
     if in_process_group() and env_rank() != 0:
         _join_external_group()
     else:
+        _check_output_folder(sys.argv[1:])
         _train_main()
 
 
