@@ -55,6 +55,22 @@ def test_a_signal_ends_the_step_saves_and_the_run_resumes_exactly(tmp_path, monk
     assert all(torch.equal(final[0][k], v) for k, v in final[1].items())
 
 
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
+    real, calls = loop.train_step, []
+
+    def step_then_interrupt_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the first asks to stop after this step
+            os.kill(os.getpid(), signal.SIGINT)  # the second does not wait
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt_twice)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(compose_train(*RUN, "trainer.max_steps=10"), tmp_path / "run")
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, processes):
     """The real CLI, one process or two gloo ranks under the launcher: SIGTERM mid-run."""
