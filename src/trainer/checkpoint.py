@@ -49,12 +49,6 @@ def resume_path(resume: str) -> Path:
     return path if path.is_file() else path / "checkpoints" / "last.pt"
 
 
-def run_dir_of(resume: str) -> Path:
-    """The run directory that `resume=` continues in: the folder itself, or a checkpoint's run."""
-    path = Path(resume)
-    return path.parent.parent if path.is_file() else path
-
-
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give a run directory that holds "

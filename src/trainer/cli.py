@@ -81,10 +81,19 @@ def _fail(error: UserError) -> None:
     sys.exit(2)
 
 
+def _report_stopped(stopped: Exception) -> None:
+    """A run stopped by a signal: the resume command in the log and on stderr, STOPPED_EXIT."""
+    from trainer.signals import STOPPED_EXIT
+
+    log.info("%s", stopped)
+    print(stopped, file=sys.stderr)
+    sys.exit(STOPPED_EXIT)
+
+
 def _run_reporting_errors(job: Callable[[], Any]) -> Any:
     """Run a job; a UserError becomes one line on stderr and exit status 2, a run stopped by a
     signal the resume command and STOPPED_EXIT."""
-    from trainer.signals import STOPPED_EXIT, Stopped
+    from trainer.signals import Stopped
 
     try:
         return job()
@@ -92,9 +101,7 @@ def _run_reporting_errors(job: Callable[[], Any]) -> Any:
         log.debug("user error", exc_info=True)
         _fail(error)
     except Stopped as stopped:
-        log.info("%s", stopped)
-        print(stopped, file=sys.stderr)
-        sys.exit(STOPPED_EXIT)
+        _report_stopped(stopped)
 
 
 def _sweep_job(cfg: DictConfig) -> Any:
@@ -199,8 +206,7 @@ def _worker(config: dict, run_dir: str) -> dict[str, float]:
         sys.exit(2)
     except Stopped as stopped:
         if main:
-            logging.getLogger("trainer").info("%s", stopped)
-            print(stopped, file=sys.stderr)
+            _report_stopped(stopped)
         sys.exit(STOPPED_EXIT)
 
 

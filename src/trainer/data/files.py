@@ -12,7 +12,7 @@ import copy
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +27,8 @@ from trainer.data.transforms import Augment, to_unit_range
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
+
+PREFETCH = 4  # batches each decoding worker prepares ahead
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".ppm", ".pgm", ".tif",
                   ".tiff")
@@ -190,24 +192,29 @@ def _reason(files: Readable, i: int) -> str:
     return "it could not be read"
 
 
-def loader(files: ImageSource, batches: Sequence[Tensor], workers: int, pin: bool) -> DataLoader:
-    """Decode `batches` (lists of file indices) in `workers` processes, in order, prefetched."""
+def loader(dataset: Dataset, batches: Iterable[list], workers: int, pin: bool) -> DataLoader:
+    """Load `batches` (lists of what `dataset` is indexed by) in `workers` processes, in order,
+    PREFETCH batches ahead of each worker; pinned for a non-blocking copy to CUDA."""
     # Its own generator: a DataLoader otherwise draws its workers' seed from the global RNG,
     # which would shift dropout's draws whenever an epoch or a validation starts.
-    return DataLoader(files, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
-                      pin_memory=pin, prefetch_factor=4 if workers else None,
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=PREFETCH if workers else None,
                       generator=torch.Generator())
 
 
-def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor, Tensor]:
-    """Every image decoded once (in workers) into memory: uint8 images, labels, and the indices
-    into `files` of those kept."""
+def on_device(images: Tensor, labels: Tensor, device: torch.device) -> Batch:
+    """A uint8 batch copied to `device` (without blocking) and made floats in [-1, 1] there."""
+    images = images.to(device, non_blocking=True)
+    return to_unit_range(images), labels.to(device, non_blocking=True)
+
+
+def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor]:
+    """Every image decoded once (in workers) into memory: uint8 images and their labels."""
     order = torch.arange(len(files)).split(256)
-    parts = [bad.drop(files, images, labels, index)
-             for index, (images, labels) in zip(order, loader(files, order, workers, False),
-                                                strict=True)]
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]))
+    batches = loader(files, [b.tolist() for b in order], workers, False)
+    parts = [bad.drop(files, images, labels, index)[:2]
+             for index, (images, labels) in zip(order, batches, strict=True)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 @dataclass
@@ -230,19 +237,15 @@ class FileImageSplit:
         images = torch.stack([image for image, _ in items])
         labels = torch.tensor([label for _, label in items])
         images, labels, _ = self.bad.drop(self.files, images, labels, index)
-        return self._finish(images, labels)
+        return on_device(images, labels, self.device)
 
     def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
-        pin = self.device.type == "cuda"
-        for index, (images, labels) in zip(batches, loader(self.files, batches, self.workers,
-                                                           pin), strict=True):
+        decoded = loader(self.files, [b.tolist() for b in batches], self.workers,
+                         self.device.type == "cuda")
+        for index, (images, labels) in zip(batches, decoded, strict=True):
             images, labels, index = self.bad.drop(self.files, images, labels, index.cpu())
-            images, labels = self._finish(images, labels)
+            images, labels = on_device(images, labels, self.device)
             yield (self.augment(images, index, epoch) if self.augment else images), labels
-
-    def _finish(self, images: Tensor, labels: Tensor) -> Batch:
-        images = images.to(self.device, non_blocking=True)
-        return to_unit_range(images), labels.to(self.device, non_blocking=True)
 
     def to(self, device: torch.device) -> FileImageSplit:
         return FileImageSplit(self.files, self.workers, self.bad, self.augment, device)

@@ -183,11 +183,11 @@ def _text(name: str, train: Any, present: dict[str, Any], column: str, block_siz
     """The column's rows, one per line, train then val then test, in one UTF-8 file (written
     once per dataset version); the mapped splits become the text's contiguous splits."""
     from trainer.data.text import text
+    from trainer.data.token_cache import user_cache
 
     parts = [train, *present.values()]
     key = "-".join(part._fingerprint for part in parts)
-    folder = Path(train.cache_files[0]["filename"]).parent if train.cache_files else \
-        Path.home() / ".cache" / "trainer"
+    folder = Path(train.cache_files[0]["filename"]).parent if train.cache_files else user_cache()
     file = folder / f"trainer-{column}-{key}.txt"
     sizes_file = file.with_suffix(".sizes.json")  # each split's characters, for the fractions
     if not sizes_file.is_file():

@@ -184,7 +184,7 @@ def encoded_images(name: str, splits: list[ImageSource], classes: Sequence[str],
     bad = BadFiles(skip_bad_files)
     decoded = sum(source.decoded_bytes for source in splits)
     if in_memory is True or (in_memory == "auto" and decoded <= IN_MEMORY_LIMIT):
-        held = [decode_all(source, workers, bad)[:2] for source in splits]
+        held = [decode_all(source, workers, bad) for source in splits]
         train, val, test = (ImageSplit(images, labels) for images, labels in held)
     else:
         train, val, test = (FileImageSplit(source, workers, bad) for source in splits)

@@ -12,20 +12,18 @@ by DataLoader workers, a few batches ahead.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from trainer.data import Batch
-from trainer.data.files import BadFiles, decode
-from trainer.data.transforms import Augment, to_unit_range
-
-PREFETCH_PER_WORKER = 4  # batches decoded ahead, per worker process
+from trainer.data.files import BadFiles, decode, loader, on_device
+from trainer.data.transforms import Augment
 
 
 class _RowDecoder(Dataset):
@@ -114,12 +112,10 @@ class HFStreamSplit:
 
     def _decoded(self, batches: Iterator[list]) -> Iterator[tuple]:
         """(images, labels, positions, reasons) of each batch of rows, decoded by `workers`
-        DataLoader processes (their own generator: the global RNG stays untouched)."""
-        loader = DataLoader(_RowDecoder(self.rows.size, self.rows.channels),
-                            batch_sampler=batches, num_workers=self.workers,
-                            prefetch_factor=PREFETCH_PER_WORKER if self.workers else None,
-                            generator=torch.Generator())
-        for images, labels, positions, reasons in loader:
+        DataLoader processes."""
+        decoder = _RowDecoder(self.rows.size, self.rows.channels)
+        for images, labels, positions, reasons in loader(decoder, batches, self.workers,
+                                                         self.device.type == "cuda"):
             yield images, labels, positions, {
                 p: reason for p, reason in zip(positions.tolist(), reasons, strict=True)
                 if reason}
@@ -128,11 +124,10 @@ class HFStreamSplit:
                 reasons: dict[int, str]) -> tuple[Tensor, Tensor, Tensor]:
         self.rows.reasons.update(reasons)
         images, labels, positions = self.bad.drop(self.rows, images, labels, positions)
-        images = to_unit_range(images.to(self.device, non_blocking=True))
-        return images, labels.to(self.device, non_blocking=True), positions
+        return (*on_device(images, labels, self.device), positions)
 
     def to(self, device: torch.device) -> HFStreamSplit:
-        return HFStreamSplit(**{**self.__dict__, "device": device})
+        return replace(self, device=device)
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -113,9 +113,13 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def user_cache() -> Path:
+    """trainer's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainer"
+
+
 def cache_roots(path: Path) -> list[Path]:
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainer"
-    return [path.parent / ".trainer-cache", user]
+    return [path.parent / ".trainer-cache", user_cache()]
 
 
 def _writable(root: Path) -> bool:
