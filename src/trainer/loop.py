@@ -250,9 +250,9 @@ def validation(run: Run, monitor: str | None, mode: str) -> bool:
     s.task.show(s.model, s.data.val, run.logger, progress.step)
     s.model.train()
     improved = _improved(val, monitor, mode, progress)
-    save(run, "last", val)
-    if improved:
+    if improved:  # best.pt first: a run killed between the two writes redoes this validation
         save(run, "best", val)
+    save(run, "last", val)
     log.info("step %d validation | %s%s", progress.step, _fmt(val),
              " (best)" if improved and monitor else "")
     if tc.patience and progress.stale >= tc.patience:
