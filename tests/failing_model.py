@@ -1,22 +1,36 @@
-"""A CNN whose rank-1 copy crashes at its third training step: for the failing-worker test.
+"""A CNN that crashes at its third training step where the CRASH environment variable says: for
+the failing-rank, killed-rank and failing-sweep-job tests.
 
-Loaded by the `train` command through `model._target_=failing_model.RankFailingCNN` with this
-folder on PYTHONPATH.
+CRASH is a comma-separated list of WHO:HOW. WHO is `rank1` (the process of rank 1) or `seed3`
+(a run with seed=3); HOW is `raise` (a RuntimeError) or `kill` (SIGKILL, as the out-of-memory
+killer does). Loaded by the `train` command through `model._target_=failing_model.CrashingCNN`
+with this folder on PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+
+import torch
 
 from trainer.models.cnn import CNN
 
 
-class RankFailingCNN(CNN):
-    calls = 0
+class CrashingCNN(CNN):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The loop seeds torch with cfg.seed just before it builds the model.
+        here = {f"rank{os.environ.get('RANK', '0')}", f"seed{torch.initial_seed()}"}
+        plan = dict(item.split(":") for item in os.environ.get("CRASH", "").split(",") if item)
+        self.crash = next((how for who, how in plan.items() if who in here), None)
+        self.calls = 0
 
     def forward(self, images):
-        if self.training and os.environ.get("RANK") == "1":
-            RankFailingCNN.calls += 1
-            if RankFailingCNN.calls == 3:
-                raise RuntimeError("deliberate failure on rank 1")
+        if self.training and self.crash:
+            self.calls += 1
+            if self.calls == 3 and self.crash == "raise":
+                raise RuntimeError("deliberate failure")
+            if self.calls == 3 and self.crash == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().forward(images)

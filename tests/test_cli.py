@@ -46,17 +46,6 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_multirun_runs_every_combination(tmp_path):
-    result = run_cli("train", "-m", "debug=fast", "model=cnn,rnn", "optimizer.lr=0.001,0.003",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
-    assert len(sweeps) == 1
-    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
-    assert all((job / "metrics.json").is_file() for job in jobs)
-
-
 def test_resume_continues_in_the_same_run_directory(tmp_path):
     assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
     [run] = run_dirs(tmp_path)
@@ -80,14 +69,3 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((run / "metrics.json").read_text())
     assert "test metrics match metrics.json" in (run / "evaluate.log").read_text()
-
-
-def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path, text_file):
-    result = run_cli("train", "-m", "debug=fast", "data=text", f"data.path={text_file}",
-                     "model=cnn,rnn", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
-    failed_log = (sweep / "0" / "train.log").read_text()
-    assert "job failed: model=cnn cannot train on text data" in failed_log
-    assert not (sweep / "0" / "metrics.json").exists()
-    assert (sweep / "1" / "metrics.json").is_file()

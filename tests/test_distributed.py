@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MODELS, run_cli, run_dirs
+from conftest import MODELS, assert_clean_error, run_cli, run_dirs
 from trainer.distributed import adopt_slurm_env
 
 TESTS = Path(__file__).parent
@@ -96,15 +96,26 @@ def test_a_sweep_of_two_process_jobs_keeps_one_directory_per_job(tmp_path):
     assert len(run_dirs(tmp_path)) == 2
 
 
-def test_a_failing_rank_stops_the_group_with_its_error(tmp_path):
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_or_killed_rank_stops_the_group_and_the_run_resumes(tmp_path, how):
     start = time.monotonic()
-    result = run_cli("train", "debug=fast", "device=cpu", "device.count=2",
-                     "model._target_=failing_model.RankFailingCNN", cwd=tmp_path, timeout=120,
-                     env={"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    args = ["train", "debug=fast", "device=cpu", "device.count=2", "trainer.checkpoint_every=2",
+            "model._target_=failing_model.CrashingCNN"]
+    path = {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = run_cli(*args, cwd=tmp_path, timeout=120, env={**path, "CRASH": f"rank1:{how}"})
     assert result.returncode != 0
-    assert "deliberate failure on rank 1" in result.stderr
-    assert "error: training process rank 1 failed" in result.stderr
     assert time.monotonic() - start < 60
+    if how == "kill":
+        assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL")
+    else:  # a crash in the model's code: its traceback, then the line naming the rank
+        assert "RuntimeError: deliberate failure" in result.stderr
+        assert "error: training process rank 1 failed with exit code 1" in result.stderr
+    [run] = run_dirs(tmp_path)  # rank 1 died in its third step, after last.pt of step 2
+    assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
+    resumed = run_cli("train", f"resume={run}", cwd=tmp_path, env=path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert (run / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])

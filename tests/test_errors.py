@@ -32,7 +32,7 @@ from conftest import assert_clean_error, run_cli, run_dirs
     (["model=transformer", "model.heads=0"], ["model.heads=0 is out of range"]),
     (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
                                                   "momentum"]),
-    (["model.depth=5"], ["error: trainer.models.cnn.CNN cannot be built: 5 conv blocks"]),
+    (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):

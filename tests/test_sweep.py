@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli
 from trainer.cli import CONFIG_DIR
 from trainer.sweep import summary_rows, write_record
+
+TESTS = Path(__file__).parent
 
 
 def sweep_dir(root):
@@ -27,6 +32,9 @@ def test_a_grid_sweep_records_jobs_failures_and_a_summary(tmp_path):
                (json.loads((sweep / str(n) / "job.json").read_text()) for n in range(4))}
     failed = records["debug=fast model=cnn model.depth=4"]
     assert failed["status"] == "failed" and "halve a 8x8 image to nothing" in failed["error"]
+    failed_log = (sweep / str(failed["job"]) / "train.log").read_text()
+    assert "job failed: model.depth=4: 4 conv blocks" in failed_log
+    assert "Traceback" not in failed_log
     completed = [r for r in records.values() if r["status"] == "completed"]
     assert len(completed) == 3
     assert sum((sweep / str(n) / "metrics.json").is_file() for n in range(4)) == 3
@@ -88,3 +96,37 @@ def test_cluster_launcher_configs_compose():
         cfg = compose("train", overrides=["hydra/launcher=slurm", "device.count=4"],
                       return_hydra_config=True)
         assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.timeout_min == 240
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_failed_and_killed_jobs_and_resume_auto_finishes_it(tmp_path):
+    """12 jobs two at a time; seed 3's raises and seed 7's is killed with SIGKILL in their third
+    step. The other ten finish; the same command again continues those two and keeps the ten."""
+    sweep = tmp_path / "sweep"
+    command = ["train", "-m", "debug=fast", "logger=none", "trainer.checkpoint_every=2",
+               "model._target_=failing_model.CrashingCNN", "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "resume=auto",
+               "seed=range(0,12)"]
+    path = {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    first = run_cli(*command, cwd=tmp_path, env={**path, "CRASH": "seed3:raise,seed7:kill"})
+    assert first.returncode == 0, first.stderr
+    records = {n: json.loads((sweep / str(n) / "job.json").read_text()) for n in range(12)}
+    assert {n for n, r in records.items() if r["status"] == "failed"} == {3, 7}
+    assert "RuntimeError: deliberate failure" in records[3]["error"]
+    assert "was killed by SIGKILL" in records[7]["error"]
+    assert summary_statuses(sweep) == ["completed"] * 10 + ["failed"] * 2
+    finished = {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns
+                for n in range(12) if n not in (3, 7)}
+
+    again = run_cli(*command, cwd=tmp_path, env=path)
+    assert again.returncode == 0, again.stderr
+    assert summary_statuses(sweep) == ["completed"] * 12
+    for n in (3, 7):  # continued from the last.pt of step 2
+        assert "at step 2" in (sweep / str(n) / "train.log").read_text()
+    assert finished == {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns
+                        for n in finished}
+
+
+def summary_statuses(sweep):
+    with open(sweep / "sweep_summary.csv") as file:
+        return [row["status"] for row in csv.DictReader(file)]

@@ -105,23 +105,39 @@ def _run_reporting_errors(job: Callable[[], Any]) -> Any:
 
 
 def _sweep_job(cfg: DictConfig) -> Any:
-    """One job of a multirun. A failure is logged and recorded in job.json, and the sweep goes
-    on. Returns the job's `optimized_metric` (what Optuna minimises or maximises), or all its
+    """One job of a multirun, in a process of its own. A failure (an error, or the process
+    killed) is logged and recorded in job.json, and the sweep goes on; a signal stops the sweep.
+    With resume=auto a job that completed in an earlier run of the same sweep is kept as it is.
+    Returns the job's `optimized_metric` (what Optuna minimises or maximises), or all its
     metrics when none is set."""
-    from trainer.sweep import write_record
+    from trainer.signals import Stopped
+    from trainer.sweep import read_record, write_record
 
     hydra_cfg = HydraConfig.get()
-    start = time.perf_counter()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict[str, Any] = {"job": hydra_cfg.job.num,
                               "overrides": " ".join(hydra_cfg.overrides.task),
                               "status": "completed", "error": None, "metrics": {}}
+    earlier = read_record(run_dir) if cfg.resume == "auto" else None
+    start = time.perf_counter()
     try:
-        record["metrics"] = _train_job(cfg) or {}
+        if earlier and earlier["overrides"] != record["overrides"]:
+            raise UserError(f"{run_dir} holds job {earlier['job']} of another sweep "
+                            f"({earlier['overrides']}): resume=auto continues the same sweep "
+                            "command; give a new hydra.sweep.dir for a new one")
+        if earlier and earlier["status"] == "completed":
+            log.info("job %d completed in an earlier run of this sweep: kept", record["job"])
+            record = earlier
+        else:
+            record["metrics"] = _train_job(cfg, isolated=True) or {}
+    except Stopped as stopped:
+        _report_stopped(stopped)
     except Exception as error:  # noqa: BLE001 - one job's failure must not end the sweep
         log.error("job failed: %s", error, exc_info=not isinstance(error, UserError))
         record.update(status="failed", error=" ".join(str(error).split())[:500])
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    write_record(Path(hydra_cfg.runtime.output_dir), record)
+    if record is not earlier:
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        write_record(run_dir, record)
     metric = cfg.get("optimized_metric")
     return record["metrics"].get(metric) if metric else record["metrics"]
 
@@ -161,8 +177,11 @@ def _resume_source(resume: str | None, run_dir: Path) -> str | None:
     return resume
 
 
-def _train_job(cfg: DictConfig) -> Any:
+def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
+    """Train in this process, in device.count launched processes, or (`isolated`, a sweep job)
+    in one child process."""
     from trainer.distributed import in_process_group, launch
+    from trainer.job import run_in_child
     from trainer.loop import train as run_training
 
     hydra_cfg = HydraConfig.get()
@@ -177,13 +196,30 @@ def _train_job(cfg: DictConfig) -> Any:
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         validate(cfg)  # fail here, once, rather than in every worker
         config = OmegaConf.to_container(cfg, resolve=True)
-        result = launch(cfg.device, _worker, config, str(run_dir))
+        try:
+            result = launch(cfg.device, _worker, config, str(run_dir))
+        except UserError as error:
+            if (run_dir / "checkpoints" / "last.pt").is_file():
+                raise UserError(f"{error}; resume from its last checkpoint with: train "
+                                f"resume={run_dir}") from None
+            raise
         if result is None and not (run_dir / "checkpoints").exists():
             # Several nodes: rank 0 ran on another node and the run lives there; the directory
             # Hydra made here for this node's launcher holds nothing of the run.
             shutil.rmtree(run_dir, ignore_errors=True)
         return result
+    if isolated:
+        return run_in_child(OmegaConf.to_container(cfg, resolve=True), run_dir)
     return run_training(cfg, run_dir)
+
+
+def log_to_run_dir(run_dir: str, main: bool) -> None:
+    """Logging in a process started without Hydra: rank 0 also writes the run's train.log."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if main:
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
 
 def _worker(config: dict, run_dir: str) -> dict[str, float]:
@@ -193,11 +229,7 @@ def _worker(config: dict, run_dir: str) -> dict[str, float]:
     from trainer.signals import STOPPED_EXIT, Stopped
 
     main = env_rank() == 0
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if main:
-        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log_to_run_dir(run_dir, main)
     try:
         return run_training(OmegaConf.create(config), Path(run_dir))
     except UserError as error:

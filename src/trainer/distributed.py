@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -242,6 +244,9 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
     )
+    # The agent logs a failed worker inside a traceback of its own polling code; the worker's
+    # own traceback and a line naming the rank are printed below instead.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError as error:
@@ -249,9 +254,16 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         if failure.exitcode == STOPPED_EXIT:  # stopped by a signal; rank 0 said how to resume
             raise Stopped("the training processes stopped on a signal and saved last.pt (the "
                           "resume command is printed above)") from None
-        raise UserError(f"training process rank {rank} failed with exit code {failure.exitcode} "
-                        "(its error is printed above); the whole group was stopped") from None
+        message = failure.error_file_data.get("message")  # a crash: the worker's traceback
+        if isinstance(message, dict):
+            print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
+        how = (f"was killed by {failure.signal_name()} (out of memory? `kill -9`?)"
+               if failure.exitcode < 0 else
+               f"failed with exit code {failure.exitcode} (its error is printed above)")
+        raise UserError(f"training process rank {rank} {how}; the whole group was "
+                        "stopped") from None
     except SignalException as error:  # this process was signalled; the agent passed it on
         raise Stopped(f"stopped by {signal.Signals(error.sigval).name}: the training processes "
                       "saved last.pt (the resume command is printed above)") from None
     return results.get(0)
+

@@ -23,6 +23,12 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     (run_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """A job's record from an earlier run of the sweep, if it left one."""
+    path = run_dir / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def higher_is_better(metric: str) -> bool:
     return metric.endswith("acc")
 

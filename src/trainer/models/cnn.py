@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from trainer.errors import UserError
+
 
 class CNN(nn.Module):
     """Conv blocks that each double the channels and halve the image, then a linear classifier."""
@@ -11,7 +13,9 @@ class CNN(nn.Module):
         super().__init__()
         channels, height, width_px = in_shape
         if min(height, width_px) >> depth == 0:
-            raise ValueError(f"{depth} conv blocks halve a {height}x{width_px} image to nothing")
+            raise UserError(f"model.depth={depth}: {depth} conv blocks would halve a {height}x"
+                            f"{width_px} image to nothing; lower model.depth or raise the image "
+                            "size")
         layers: list[nn.Module] = []
         for i in range(depth):
             out = width * 2**i
