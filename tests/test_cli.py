@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import MODELS, PYTHON, run_cli, run_dirs
+from conftest import MODELS, PYTHON, compose_train, run_cli, run_dirs
+from trainer.loop import train
 
 
 def test_train_leaves_a_complete_run_directory(tmp_path):
@@ -62,8 +63,8 @@ def test_resume_continues_in_the_same_run_directory(tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
-    assert run_cli("train", "debug=fast", f"model={model}", cwd=tmp_path).returncode == 0
-    [run] = run_dirs(tmp_path)
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", f"model={model}"), run)
     result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])

@@ -11,8 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MODELS, assert_clean_error, run_cli, run_dirs
+from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_dirs
 from trainer.distributed import adopt_slurm_env
+from trainer.loop import train
 
 TESTS = Path(__file__).parent
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.
@@ -51,9 +52,21 @@ def assert_close(a: dict[str, float], b: dict[str, float]) -> None:
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
-def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path):
-    one = train_ok(tmp_path / "one", *EXACT, "data.batch_size=16")
-    two = train_ok(tmp_path / "two", *EXACT, "data.batch_size=8", "device.count=2")
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """EXACT in one process at batch 16 (in this process: the same numbers as the command)."""
+    run = tmp_path_factory.mktemp("one")
+    train(compose_train(*EXACT, "data.batch_size=16"), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> Path:
+    """EXACT in two processes at batch 8 each, through the command."""
+    return train_ok(tmp_path_factory.mktemp("two"), *EXACT, "data.batch_size=8", "device.count=2")
+
+
+def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path, one, two):
     assert scalars(two, "train/loss") == pytest.approx(scalars(one, "train/loss"), rel=1e-5)
     assert scalars(two, "val/loss") == pytest.approx(scalars(one, "val/loss"), rel=1e-5)
     assert_close(metrics(two), metrics(one))
@@ -62,38 +75,29 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path):
                            "trainer.accumulate=2", "device.count=2")
     assert_close(metrics(accumulated), metrics(one))
     # Only rank 0 wrote: one run directory, one TensorBoard event file.
-    assert len(run_dirs(tmp_path / "two")) == 1
+    assert len(run_dirs(two.parents[2])) == 1
     assert len(list((two / "tensorboard").glob("events.*"))) == 1
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_every_architecture_trains_under_ddp(tmp_path, model):
-    run = train_ok(tmp_path, "debug=fast", "device=cpu", "device.count=2", f"model={model}",
-                   "logger=none")
-    assert "test/loss" in metrics(run)
-
-
-def test_external_torchrun_joins_instead_of_launching(tmp_path):
-    inside = train_ok(tmp_path / "inside", *EXACT, "device.count=2")
+def test_external_torchrun_joins_instead_of_launching(tmp_path, two):
     result = run_cli("torchrun", "--standalone", "--nproc-per-node=2", "-m", "trainer", *EXACT,
-                     cwd=tmp_path / "inside")
+                     "data.batch_size=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    runs = run_dirs(tmp_path / "inside")
-    assert len(runs) == 2  # one per command, none per rank
-    assert_close(metrics(runs[-1]), metrics(inside))
+    [run] = run_dirs(tmp_path)  # one for the command, none per rank
+    assert_close(metrics(run), metrics(two))
 
 
-def test_a_sweep_of_two_process_jobs_keeps_one_directory_per_job(tmp_path):
+def test_every_architecture_trains_under_ddp_in_a_sweep_of_two_process_jobs(tmp_path):
     result = run_cli("train", "-m", "debug=fast", "device=cpu", "device.count=2",
-                     "optimizer.lr=0.001,0.002", cwd=tmp_path)
+                     f"model={','.join(MODELS)}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
+    assert jobs == [str(n) for n in range(len(MODELS))]
     for job in jobs:
-        assert (sweep / job / "metrics.json").is_file()
+        assert "test/loss" in metrics(sweep / job)
         assert len(list((sweep / job / "tensorboard").rglob("events.*"))) == 1
-    assert len(run_dirs(tmp_path)) == 2
+    assert len(run_dirs(tmp_path)) == len(MODELS)  # one per job, none per rank
 
 
 @pytest.mark.parametrize("how", ["raise", "kill"])
@@ -112,25 +116,25 @@ def test_a_failing_or_killed_rank_stops_the_group_and_the_run_resumes(tmp_path, 
         assert "error: training process rank 1 failed with exit code 1" in result.stderr
     [run] = run_dirs(tmp_path)  # rank 1 died in its third step, after last.pt of step 2
     assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
+    if how == "raise":
+        return
     resumed = run_cli("train", f"resume={run}", cwd=tmp_path, env=path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert (run / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
-def test_checkpoints_move_between_world_sizes(tmp_path, first, second):
-    """Stop at step 4 with one world size, finish with the other: same as never stopping."""
+def test_checkpoints_move_between_world_sizes(tmp_path, one):
+    """Two processes to step 2, one to step 4, two to step 6: the same as never stopping."""
     per_rank = {1: "data.batch_size=16", 2: "data.batch_size=8"}
-    whole = train_ok(tmp_path / "whole", *EXACT, "data.batch_size=16")
-    run = train_ok(tmp_path / "split", *EXACT, per_rank[first], f"device.count={first}",
-                   "trainer.max_steps=4")
-    result = run_cli("train", f"resume={run}", "trainer.max_steps=6", per_rank[second],
-                     f"device.count={second}", cwd=tmp_path / "split")
-    assert result.returncode == 0, result.stderr
-    assert_same_weights(run, whole)
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"]["step"] == 6 and state["config"]["device"]["count"] == second
+    run = train_ok(tmp_path, *EXACT, per_rank[2], "device.count=2", "trainer.max_steps=2")
+    for world, steps in ((1, 4), (2, 6)):
+        result = run_cli("train", f"resume={run}", f"trainer.max_steps={steps}", per_rank[world],
+                         f"device.count={world}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert state["progress"]["step"] == steps and state["config"]["device"]["count"] == world
+    assert_same_weights(run, one)
 
 
 def test_srun_task_numbers_become_torch_ranks(monkeypatch):
@@ -141,7 +145,7 @@ def test_srun_task_numbers_become_torch_ranks(monkeypatch):
         ("3", "4", "1")
 
 
-def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path):
+def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path, one):
     """Two launchers on this machine stand in for two nodes (one process each)."""
     import socket
     import subprocess
@@ -161,14 +165,14 @@ def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path):
     assert all(p.returncode == 0 for p in processes), outputs
     runs = [run for node in nodes for run in run_dirs(node)]
     assert len(runs) == 1
-    one = train_ok(tmp_path / "one", *EXACT, "data.batch_size=16")
     assert_close(metrics(runs[0]), metrics(one))
 
 
 def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
     args = [*EXACT, "model=transformer", "data.batch_size=8", "device.count=2",
             "device.strategy=fsdp"]
-    one = train_ok(tmp_path / "one", *EXACT, "model=transformer", "data.batch_size=16")
+    one = tmp_path / "one"
+    train(compose_train(*EXACT, "model=transformer", "data.batch_size=16"), one)
     whole = train_ok(tmp_path / "whole", *args)
     # Float sums in another order move the last digits; Adam can enlarge them a little.
     for key, value in metrics(one).items():
