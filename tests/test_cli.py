@@ -70,3 +70,14 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((run / "metrics.json").read_text())
     assert "test metrics match metrics.json" in (run / "evaluate.log").read_text()
+
+
+@pytest.mark.parametrize("command", ["train --help", "train --cfg job", "evaluate --help",
+                                     "train model=rnn -h"])
+def test_commands_that_train_nothing_never_import_torch(tmp_path, command):
+    name, *args = command.split()
+    script = (f"import sys; sys.argv = {[name, *args]!r}; from trainer import cli; cli.{name}(); "
+              "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = run_cli(PYTHON, "-c", script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "model:" in result.stdout

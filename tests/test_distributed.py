@@ -12,8 +12,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_dirs
-from trainer.distributed import adopt_slurm_env
 from trainer.loop import train
+from trainer.ranks import adopt_slurm_env
 
 TESTS = Path(__file__).parent
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.

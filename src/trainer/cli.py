@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import string
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import register_schemas, validate
 from trainer.errors import UserError
+from trainer.ranks import env_rank, in_process_group
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
@@ -180,10 +182,6 @@ def _resume_source(resume: str | None, run_dir: Path) -> str | None:
 def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
     """Train in this process, in device.count launched processes, or (`isolated`, a sweep job)
     in one child process."""
-    from trainer.distributed import in_process_group, launch
-    from trainer.job import run_in_child
-    from trainer.loop import train as run_training
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     rerun = cfg.resume == "auto"
@@ -193,24 +191,35 @@ def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
     if hydra_cfg.mode == RunMode.MULTIRUN and "name" in cfg.logger and not cfg.logger.name:
         # TensorBoard names a run by its folder: name each sweep job by its overrides.
         cfg.logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
+    validate(cfg)  # once, here, before any process, child or worker starts
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
-        validate(cfg)  # fail here, once, rather than in every worker
-        config = OmegaConf.to_container(cfg, resolve=True)
-        try:
-            result = launch(cfg.device, _worker, config, str(run_dir))
-        except UserError as error:
-            if (run_dir / "checkpoints" / "last.pt").is_file():
-                raise UserError(f"{error}; resume from its last checkpoint with: train "
-                                f"resume={run_dir}") from None
-            raise
-        if result is None and not (run_dir / "checkpoints").exists():
-            # Several nodes: rank 0 ran on another node and the run lives there; the directory
-            # Hydra made here for this node's launcher holds nothing of the run.
-            shutil.rmtree(run_dir, ignore_errors=True)
-        return result
+        return _launch_group(cfg, run_dir)
     if isolated:
+        from trainer.job import run_in_child
+
         return run_in_child(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    from trainer.loop import train as run_training
+
     return run_training(cfg, run_dir)
+
+
+def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
+    """device.count processes on this node (of device.nodes); rank 0's metrics where it ran."""
+    from trainer.distributed import launch
+
+    try:
+        result = launch(cfg.device, _worker, OmegaConf.to_container(cfg, resolve=True),
+                        str(run_dir))
+    except UserError as error:
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            raise UserError(f"{error}; resume from its last checkpoint with: train "
+                            f"resume={run_dir}") from None
+        raise
+    if result is None and not (run_dir / "checkpoints").exists():
+        # Several nodes: rank 0 ran on another node and the run lives there; the directory
+        # Hydra made here for this node's launcher holds nothing of the run.
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
 
 
 def log_to_run_dir(run_dir: str, main: bool) -> None:
@@ -224,7 +233,6 @@ def log_to_run_dir(run_dir: str, main: bool) -> None:
 
 def _worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
-    from trainer.distributed import env_rank
     from trainer.loop import train as run_training
     from trainer.signals import STOPPED_EXIT, Stopped
 
@@ -312,10 +320,30 @@ def _check_output_folder(args: list[str]) -> None:
                         "from a writable folder or set hydra.run.dir=DIR"))
 
 
+def _print_help(config_name: str, args: list[str]) -> None:
+    """`--help`, without Hydra's own: it lists its hundred internal config groups as well, which
+    takes longer than the rest of start-up together. The header, this tool's groups and
+    options, and the config composed with the given overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=[a for a in args if not a.startswith("-")],
+                      return_hydra_config=True)
+    groups = [p for p in sorted(Path(CONFIG_DIR).iterdir()) if p.is_dir() and p.name != "hydra"]
+    listing = "".join(f"{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}\n"
+                      for group in groups)
+    template = cfg.hydra.help.template
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    print(string.Template(template).substitute(APP_CONFIG_GROUPS=listing,
+                                               CONFIG=OmegaConf.to_yaml(cfg)))
+
+
 def train() -> None:
     """Console script `train`."""
-    from trainer.distributed import env_rank, in_process_group
-
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help("train", sys.argv[1:])
+        return
     if in_process_group() and env_rank() != 0:
         _join_external_group()
     else:
@@ -325,4 +353,7 @@ def train() -> None:
 
 def evaluate() -> None:
     """Console script `evaluate`."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help("evaluate", sys.argv[1:])
+        return
     _evaluate_main()

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.ranks import in_process_group
 from trainer.signals import STOPPED_EXIT, Stopped
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -181,29 +182,6 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     if kind == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(kind)
-
-
-def adopt_slurm_env() -> None:
-    """Under `srun`, expose SLURM's task numbers under the names torch.distributed reads.
-
-    MASTER_ADDR and MASTER_PORT must be set by the batch script (see scripts/slurm_train.sbatch).
-    """
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
-def in_process_group() -> bool:
-    """True inside a group started by torchrun, srun or `launch`."""
-    adopt_slurm_env()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def env_rank() -> int:
-    adopt_slurm_env()
-    return int(os.environ.get("RANK", "0"))
 
 
 def runtime(device_cfg: DictConfig) -> Runtime:
