@@ -255,6 +255,7 @@ def _join_external_group() -> None:
     from hydra import compose, initialize_config_dir
 
     from trainer.loop import train as run_training
+    from trainer.signals import STOPPED_EXIT, Stopped
 
     logging.basicConfig(level=logging.WARNING)
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
@@ -271,6 +272,8 @@ def _join_external_group() -> None:
         run_training(cfg, None)
     except UserError as error:
         _fail(error)
+    except Stopped:  # rank 0 prints how to resume
+        sys.exit(STOPPED_EXIT)
 
 
 def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
