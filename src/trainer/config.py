@@ -124,9 +124,8 @@ DATA_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true"
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise UserError for the first bad value in a composed train config."""
-    for group in SUPPLIED_BY_CODE:
-        check_target_node(cfg[group], group)
+    """Raise UserError for the first bad value in a composed train config. The `_target_`
+    checks import the targets (and so torch) and come last: the rest answer at once."""
     for key, accepted in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if str(value) not in accepted:
@@ -142,12 +141,15 @@ def validate(cfg: DictConfig) -> None:
                         "node")
     for key, test, accepted in RANGES:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-        if value is not None and not test(value):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and not test(value):  # not a number: the type checks below say so
             raise UserError(f"{key}={value} is out of range: it must be {accepted}")
     held_out = [OmegaConf.select(cfg, f"data.{k}_fraction", default=0) for k in ("val", "test")]
-    if sum(held_out) >= 1:
+    if all(isinstance(f, int | float) for f in held_out) and sum(held_out) >= 1:
         raise UserError(f"data.val_fraction={held_out[0]} + data.test_fraction={held_out[1]} "
                         "leave no training data: together they must be below 1")
+    for group in SUPPLIED_BY_CODE:
+        check_target_node(cfg[group], group)
 
 
 def check_target_node(node: DictConfig, group: str) -> None:
