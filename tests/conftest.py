@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -45,6 +46,21 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/) under root/outputs, oldest first."""
     return sorted(p.parent for p in (root / "outputs").rglob(".hydra") if p.parent.name != ".hydra")
+
+
+@pytest.fixture(scope="session")
+def finished_run_template(tmp_path_factory) -> Path:
+    from trainer.loop import train
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(compose_train("debug=fast"), run)
+    return run
+
+
+@pytest.fixture
+def finished_run(finished_run_template: Path, tmp_path: Path) -> Path:
+    """A finished `debug=fast` run (trained once per session), this test's own copy."""
+    return Path(shutil.copytree(finished_run_template, tmp_path / "run"))
 
 
 @pytest.fixture

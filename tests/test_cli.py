@@ -61,7 +61,8 @@ def test_resume_continues_in_the_same_run_directory(tmp_path):
     assert "resumed from" in (run / "train.log").read_text()
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [
+    "cnn", *(pytest.param(m, marks=pytest.mark.slow) for m in MODELS if m != "cnn")])
 def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     run = tmp_path / "run"
     train(compose_train("debug=fast", f"model={model}"), run)

@@ -16,6 +16,7 @@ from trainer.loop import train
 from trainer.ranks import adopt_slurm_env
 
 TESTS = Path(__file__).parent
+pytestmark = pytest.mark.slow  # several processes each: the full suite, not the fast tier
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.
 # One validation, at the end: best.pt is then the final model in every run compared.
 EXACT = ["debug=fast", "device=cpu", "model.dropout=0", "trainer.log_every=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_clean_error, run_cli, run_dirs
+from conftest import assert_clean_error, run_cli
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
@@ -56,9 +56,8 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     assert not (tmp_path / "outputs" / "typo").exists()
 
 
-def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path):
-    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
-    [run] = run_dirs(tmp_path)
+def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path, finished_run):
+    run = finished_run
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(b"not a checkpoint")
     best = (run / "checkpoints" / "best.pt").read_bytes()
@@ -69,18 +68,15 @@ def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path):
     assert (run / "metrics.json").is_file()
 
 
-def test_resume_cannot_swap_the_model(tmp_path):
-    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
-    [run] = run_dirs(tmp_path)
-    result = run_cli("train", f"resume={run}", "model=rnn", cwd=tmp_path)
+def test_resume_cannot_swap_the_model(tmp_path, finished_run):
+    result = run_cli("train", f"resume={finished_run}", "model=rnn", cwd=tmp_path)
     assert_clean_error(result, "model=rnn: a resumed run keeps its model")
 
 
-def test_evaluate_with_a_mismatched_checkpoint(tmp_path):
-    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
-    [run] = run_dirs(tmp_path)
+def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     import torch
 
+    run = finished_run
     path = run / "checkpoints" / "best.pt"
     state = torch.load(path, weights_only=True)
     state["config"]["model"]["width"] = 8

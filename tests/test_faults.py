@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from conftest import MODELS, compose_train
 from trainer import loop
 
+pytestmark = pytest.mark.slow  # the full suite, not the fast tier
 # Eight steps, a validation at steps 4 and 8, last.pt every 2 steps: checkpoint writes at steps
 # 2, 4 (last and best), 6 and 8 (last, and best when it improved).
 RUN = ["debug=fast", "logger=none", "trainer.max_steps=8", "trainer.val_every=4",
@@ -84,14 +85,12 @@ def kill_and_resume(processes, references, tmp_path):
     return check
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", list(POINTS))
 @pytest.mark.parametrize("model", MODELS)
 def test_a_run_killed_anywhere_resumes_bit_identical(kill_and_resume, model, point):
     kill_and_resume(point, [*RUN, f"model={model}", *DROPOUT.get(model, [])])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", ["step", "write"])
 def test_killed_while_streaming_images_from_disk(kill_and_resume, image_folder, point):
     kill_and_resume(point, [*RUN, "data=image_folder", f"data.path={image_folder}",
@@ -99,7 +98,6 @@ def test_killed_while_streaming_images_from_disk(kill_and_resume, image_folder, 
                             "data.num_workers=1"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", ["step", "validation"])
 def test_killed_while_reading_memory_mapped_tokens(kill_and_resume, text_file, point):
     kill_and_resume(point, [*RUN, "model=transformer", "model.dropout=0.2", "data=text",

@@ -102,7 +102,7 @@ def test_non_images_are_ignored(image_folder):
     assert len(data.train) + len(data.val) + len(data.test) == 40
 
 
-@pytest.mark.parametrize("in_memory", ["true", "false"])
+@pytest.mark.parametrize("in_memory", [pytest.param("true", marks=pytest.mark.slow), "false"])
 def test_a_corrupt_image_is_named(tmp_path, image_folder, in_memory):
     (image_folder / "dark" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",

@@ -9,6 +9,8 @@ from conftest import SHARED_DATA, compose_train
 from trainer.data.images import digits
 from trainer.loop import train
 
+pytestmark = pytest.mark.slow  # each trains for a while: the full suite, not the fast tier
+
 
 def fit(tmp_path, *overrides):
     return train(compose_train("trainer.progress=false", *overrides), tmp_path)

@@ -75,6 +75,7 @@ COMMANDS = {"one process": ["train"], "launched ranks": ["train", "device.count=
             "torchrun": ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "trainer"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, command):
     """The real CLI in one process, in two gloo ranks under its launcher or under torchrun:
@@ -124,6 +125,7 @@ def test_timed_checkpoints(tmp_path):
     assert kept == [f"step-00000{i}.pt" for i in range(1, 6)]  # every step: the time was up
 
 
+@pytest.mark.slow
 def test_resume_auto_and_latest(tmp_path):
     """A requeued job reruns its command: resume=auto starts afresh, then continues."""
     job = ["train", "debug=fast", "logger=none", "hydra.run.dir=outputs/slurm-42",

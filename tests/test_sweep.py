@@ -23,6 +23,7 @@ def sweep_dir(root):
     return found
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_records_jobs_failures_and_a_summary(tmp_path):
     # cnn with depth 4 halves an 8x8 digit to nothing: that one job fails, the others run.
     result = run_cli("train", "-m", "debug=fast", "model=cnn,rnn", "model.depth=1,4", cwd=tmp_path)
@@ -65,6 +66,7 @@ def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
     assert [r["job"] for r in summary_rows(tmp_path, "val/acc")] == [2, 0, 1]
 
 
+@pytest.mark.slow
 def test_optuna_search_of_three_trials(tmp_path):
     result = run_cli("train", "hparams_search=classification", "debug=fast",
                      "hydra.sweeper.n_trials=3", cwd=tmp_path)
@@ -78,6 +80,7 @@ def test_optuna_search_of_three_trials(tmp_path):
     assert len(accuracies) == 3 and accuracies == sorted(accuracies, reverse=True)
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     result = run_cli("train", "-m", "debug=fast", "hydra/launcher=joblib",
                      "hydra.launcher.n_jobs=2", "model=cnn,autoencoder", cwd=tmp_path)
