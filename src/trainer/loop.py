@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class Run:
     schedulers: list[Any]
     scaler: torch.amp.GradScaler
     step_model: Any  # what the training step calls: the model, wrapped for DDP and compile
+    tc: SimpleNamespace  # cfg.trainer as plain attributes: a config lookup costs microseconds
     steps_per_epoch: int
     total_steps: int
     progress: Progress = field(default_factory=Progress)
@@ -142,7 +144,8 @@ def prepare(s: Setup, run_dir: Path) -> Run:
         return torch.compile(wrapped) if s.cfg.device.compile else wrapped
 
     return Run(s, run_dir, optimizers, schedulers, scaler, s.task.distribute(s.model, wrap),
-               steps_per_epoch, total_steps)
+               SimpleNamespace(**OmegaConf.to_container(tc, resolve=True)), steps_per_epoch,
+               total_steps)
 
 
 def restore(run: Run, source: Path) -> None:
@@ -166,11 +169,11 @@ def restore(run: Run, source: Path) -> None:
 
 def fit(run: Run, stop: StopRequest) -> None:
     """Step until the budget is spent, early stopping triggers, or a signal asks to stop."""
-    s, progress, tc = run.s, run.progress, run.s.cfg.trainer
+    s, progress, tc = run.s, run.progress, run.tc
     monitor, mode = _monitor(tc.monitor, s.task)
     flops = getattr(s.model, "flops_per_item", lambda: 0.0)()  # per image, or per text token
     meter = Throughput(s.task.unit, s.rt.device, flops, s.rt.world)
-    running: dict[str, Tensor] = {}  # train/ scalars summed on the device between reports
+    running: dict[str, list[Tensor]] = {}  # train/ scalars of each step since the last report
     batches: tuple[int, Iterator[Batch]] | None = None  # this epoch's, from progress.batch on
     bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
                disable=not (s.rt.is_main and tc.progress))
@@ -206,14 +209,13 @@ def fit(run: Run, stop: StopRequest) -> None:
 
 
 def advance(run: Run, logs: dict[str, Tensor], micro_batches: list[Batch],
-            running: dict[str, Tensor], meter: Throughput) -> None:
+            running: dict[str, list[Tensor]], meter: Throughput) -> None:
     """Book one optimizer step: schedules, progress, the running sums reported at log steps."""
-    progress, tc = run.progress, run.s.cfg.trainer
+    progress, tc = run.progress, run.tc
     for scheduler in run.schedulers:
         scheduler.step()
-    for key, value in logs.items():
-        running[key] = running.get(key, 0.0) + value
-    running["steps"] = running.get("steps", 0) + bool(logs)  # skipped steps add no loss
+    for key, value in logs.items():  # summed at the next report, one op per key
+        running.setdefault(key, []).append(value)
     progress.step += 1
     progress.batch += tc.accumulate
     meter.steps += 1
@@ -222,16 +224,17 @@ def advance(run: Run, logs: dict[str, Tensor], micro_batches: list[Batch],
         progress.epoch, progress.batch = progress.epoch + 1, 0
 
 
-def report(run: Run, running: dict[str, Tensor], meter: Throughput, bar: tqdm) -> None:
+def report(run: Run, running: dict[str, list[Tensor]], meter: Throughput, bar: tqdm) -> None:
     """train/ and perf/ scalars: the mean over all ranks' steps since the last report."""
     rt, progress = run.s.rt, run.progress
-    steps = running.pop("steps")
-    sums = rt.sum_across_ranks(running)
+    steps = len(running.get("loss", []))  # skipped steps add no loss
+    sums = rt.sum_across_ranks({k: torch.stack(v).sum() for k, v in running.items()}) \
+        if running else {}  # empty when every step since the last report was skipped
     metrics = {f"train/{k}": v / (max(steps, 1) * rt.world) for k, v in sums.items()}
     if "train/loss" in metrics:  # absent when every step since the last report was skipped
         _check_finite(metrics["train/loss"], progress.step, run.s.cfg, run.run_dir)
     metrics["train/lr"] = run.optimizers[-1].param_groups[0]["lr"]
-    if run.s.cfg.trainer.skip_nonfinite:
+    if run.tc.skip_nonfinite:
         metrics["train/skipped_steps"] = progress.skipped
     run.logger.scalars({**metrics, **meter.report()}, progress.step)
     bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4f}")
@@ -242,7 +245,7 @@ def report(run: Run, running: dict[str, Tensor], meter: Throughput, bar: tqdm) -
 def validation(run: Run, monitor: str | None, mode: str) -> bool:
     """Measure the validation split, show samples, save last.pt (and best.pt when it improved).
     Returns whether early stopping ends the run."""
-    s, progress, tc = run.s, run.progress, run.s.cfg.trainer
+    s, progress, tc = run.s, run.progress, run.tc
     val = evaluate_split(s, s.data.val, tc.eval_batches, prefix="val")
     _check_finite(val["val/loss"], progress.step, s.cfg, run.run_dir)
     run.logger.scalars(val, progress.step)
@@ -264,7 +267,7 @@ def validation(run: Run, monitor: str | None, mode: str) -> bool:
 def _count_skipped(run: Run) -> None:
     """trainer.skip_nonfinite: a few non-finite steps are skipped; more end the run."""
     run.progress.skipped += 1
-    allowed = run.s.cfg.trainer.skip_nonfinite
+    allowed = run.tc.skip_nonfinite
     log.warning("step %d: the gradient norm is not finite; step skipped (%d of %d allowed)",
                 run.progress.step, run.progress.skipped, allowed)
     if run.progress.skipped > allowed:
@@ -275,20 +278,20 @@ def _count_skipped(run: Run) -> None:
 
 
 def _validation_due(run: Run) -> bool:
-    progress, tc = run.progress, run.s.cfg.trainer
+    progress, tc = run.progress, run.tc
     if progress.step == run.total_steps:
         return True
     return progress.step % tc.val_every == 0 if tc.val_every else progress.batch == 0
 
 
 def _step_checkpoint_due(run: Run) -> bool:
-    every = run.s.cfg.trainer.checkpoint_every
+    every = run.tc.checkpoint_every
     return bool(every) and run.progress.step % every == 0
 
 
 def _checkpoint_due(run: Run) -> bool:
     """trainer.checkpoint_minutes of wall time since last.pt was written (rank 0's clock)."""
-    minutes = run.s.cfg.trainer.checkpoint_minutes
+    minutes = run.tc.checkpoint_minutes
     return bool(minutes) and run.s.rt.is_main and \
         time.monotonic() - run.saved_at >= 60 * minutes
 
@@ -313,7 +316,7 @@ def save(run: Run, name: str, metrics: dict[str, float]) -> None:
             "metrics": metrics,
         })
         if name == "last":
-            checkpoint.keep_step_copy(path, run.progress.step, run.s.cfg.trainer.keep_last)
+            checkpoint.keep_step_copy(path, run.progress.step, run.tc.keep_last)
     if name == "last":
         run.saved_at = time.monotonic()
 
@@ -338,20 +341,19 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
                ) -> tuple[dict[str, Tensor], bool]:
     """One optimizer step per optimizer, each over all micro-batches, and whether a step was
     skipped for a non-finite gradient norm. No host sync unless `skip_nonfinite` asks for one."""
-    logs: dict[str, Tensor] = {}
-    total = torch.zeros((), device=rt.device)
+    n = len(micro_batches)
+    logs: dict[str, list[Tensor]] = {"loss": []}  # "loss" sums every stage's loss
     skipped = False
     for stage, optimizer in enumerate(optimizers):
         for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
             each.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
-            with rt.skip_grad_sync(model, i < len(micro_batches) - 1):
+            with rt.skip_grad_sync(model, i < n - 1):
                 with rt.autocast():
                     loss, extra = task.training_step(model, batch, stage)
-                scaler.scale(loss / len(micro_batches)).backward()
-            total += loss.detach().float() / len(micro_batches)
-            for key, value in extra.items():
-                logs[key] = logs.get(key, 0.0) + value.detach().float() / len(micro_batches)
+                scaler.scale(loss if n == 1 else loss / n).backward()
+            for key, value in {"loss": loss, **extra}.items():
+                logs.setdefault(key, []).append(value.detach().float())
         if grad_clip or skip_nonfinite:
             scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -362,7 +364,14 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
                 continue
         scaler.step(optimizer)
     scaler.update()
-    return {"loss": total, **logs}, skipped
+    return {key: _mean_of_micro_batches(values, n) for key, values in logs.items()}, skipped
+
+
+def _mean_of_micro_batches(values: list[Tensor], n: int) -> Tensor:
+    """A train/ scalar of one step: summed over stages, averaged over micro-batches. Without
+    accumulation and with one stage, no arithmetic at all (each op costs the loop time)."""
+    total = values[0] if len(values) == 1 else torch.stack(values).sum()
+    return total if n == 1 else total / n
 
 
 def _monitor(name: str | None, task: Task) -> tuple[str | None, str]:
