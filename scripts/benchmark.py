@@ -6,8 +6,9 @@ apart in `fit` and subtracted (its cost is a matter of cadence, not of the loop)
 
     python scripts/benchmark.py [--steps 200] [--rounds 3] [--models cnn,rnn,...] [OVERRIDES...]
 
-Prints samples (tokens, for text) per second of each, their ratio (trainer / plain: 1.00 means
-the loop costs nothing) and the peak resident memory of each phase (sampled every 10 ms; on CUDA
+Prints samples (tokens, for text) per second of each (medians over the rounds), the median and
+range of each round's ratio (trainer / plain: 1.00 means the loop costs nothing) and the peak
+resident memory of each phase (sampled every 10 ms; on CUDA
 the peak allocated memory). Target: 0.98 or better for every architecture.
 """
 
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args()
-    print(f"{'model':12} {'trainer/s':>10} {'plain/s':>10} {'ratio':>6} "
+    print(f"{'model':12} {'trainer/s':>10} {'plain/s':>10} {'ratio':>6} {'range':>9} "
           f"{'trainer MB':>10} {'plain MB':>9}")
     for model in args.models.split(","):
         overrides = [f"model={model}", f"trainer.max_steps={args.steps}",
@@ -145,9 +146,12 @@ def main() -> None:
             for name, (seconds, samples, peak) in measured.items():
                 rates[name].append(samples / seconds)
                 peaks[name] = max(peaks[name], peak)
+        # Each round's ratio compares two runs made seconds apart: the machine's drift cancels.
+        ratios = sorted(a / b for a, b in zip(rates["trainer"], rates["plain"], strict=True))
         mine, plain = statistics.median(rates["trainer"]), statistics.median(rates["plain"])
-        print(f"{model:12} {mine:10.0f} {plain:10.0f} {mine / plain:6.3f} "
-              f"{peaks['trainer']:10.0f} {peaks['plain']:9.0f}", flush=True)
+        print(f"{model:12} {mine:10.0f} {plain:10.0f} {statistics.median(ratios):6.3f} "
+              f"{ratios[0]:.2f}-{ratios[-1]:.2f} {peaks['trainer']:10.0f} "
+              f"{peaks['plain']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
