@@ -312,3 +312,40 @@ def test_a_resumed_run_on_a_memory_mapped_bpe_corpus_equals_the_uninterrupted_on
     weights = [torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
                for run in (tmp_path / "full", half)]
     assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())
+
+
+@pytest.mark.parametrize("name", ["transformer", "rnn"])
+def test_sampling_with_a_cache_gives_the_logits_of_the_whole_forward(name):
+    """The transformer's key-value cache and the LSTM's carried state: one position per token,
+    the same numbers as running the model over everything again."""
+    from trainer.models.rnn import RNN
+    from trainer.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    build = {"transformer": lambda: Transformer(vocab_size=20, block_size=16, width=16, depth=2,
+                                                heads=2),
+             "rnn": lambda: RNN(vocab_size=20, block_size=16, width=16, depth=2)}
+    model = build[name]().eval()
+    tokens = torch.randint(0, 20, (2, 12))
+    with torch.no_grad():
+        whole = model(tokens)  # (B, T, vocab): every position at once
+    logits, state = model.decode(tokens[:, :5])
+    torch.testing.assert_close(logits, whole[:, 4], rtol=1e-5, atol=1e-5)
+    for position in range(5, 12):
+        logits, state = model.decode(tokens[:, position:position + 1], state)
+        torch.testing.assert_close(logits, whole[:, position], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_is_seeded_runs_past_the_context_and_stops_on_time():
+    from trainer.models.transformer import Transformer
+    from trainer.tasks.language_model import generate
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, block_size=8, width=16, depth=1, heads=2)
+    prompt = torch.tensor([1, 2, 3])
+    first = generate(model, prompt, 30, seed=7)
+    assert len(first) == 33 and torch.equal(first[:3], prompt)  # 30 tokens, past 8 of context
+    assert torch.equal(generate(model, prompt, 30, seed=7), first)
+    assert not torch.equal(generate(model, prompt, 30, seed=8), first)
+    assert len(generate(model, prompt, 30, seed=7, seconds=0)) == 4  # time is up after one
+    assert model.training  # as it was

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -36,3 +37,11 @@ class RNN(nn.Module):
         rows = inputs.permute(0, 2, 1, 3).flatten(2)  # (B, H, C*W): one row per step
         steps, _ = self.lstm(rows)
         return self.head(steps[:, -1])  # (B, classes)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, state: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Text: the logits after the last of `tokens` (B, T) and the LSTM's state after them,
+        which the next call carries on from: each new token costs one step."""
+        steps, state = self.lstm(self.embed(tokens), state)
+        return self.head(steps[:, -1]), state

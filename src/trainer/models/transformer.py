@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -62,6 +63,31 @@ class Transformer(nn.Module):
             if self.causal else None
         x = self.blocks(x, mask=mask, is_causal=self.causal)
         return self.head(x) if self.causal else self.head(x.mean(dim=1))
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None
+               ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Text, in eval mode: the logits after the last of `tokens` (B, T), reusing the keys
+        and values of the positions before them (`cache`, as returned by the previous call), so
+        each new token costs one position. Without a cache `tokens` start at position 0; with one
+        they are the single next token. The same numbers as `forward`, from the same weights."""
+        start = cache[0][0].shape[2] if cache else 0
+        batch, length = tokens.shape
+        x = self.embed(tokens) + self.position[:, start:start + length]
+        new_cache = []
+        for i, layer in enumerate(self.blocks.layers):
+            attention = layer.self_attn
+            q, k, v = F.linear(layer.norm1(x), attention.in_proj_weight,
+                               attention.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.view(batch, length, attention.num_heads, -1).transpose(1, 2)
+                       for t in (q, k, v))
+            if cache:
+                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=not cache)
+            x = x + attention.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+            new_cache.append((k, v))
+        return self.head(self.blocks.norm(x[:, -1])), new_cache
 
     def flops_per_item(self) -> float:
         """Training FLOPs (forward and backward, as in the PaLM appendix) per unit of throughput:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ class LanguageModel(Task):
     which compares models across tokenizers: a token of several bytes is harder to predict."""
 
     unit = "tokens"
-    sample_length = 300
+    sample_length = 300  # tokens sampled at each validation...
+    sample_seconds = 2.0  # ...or fewer, when sampling takes longer than this
 
     def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
         assert spec.tokenizer is not None, "text data comes with its tokenizer"
@@ -50,24 +52,46 @@ class LanguageModel(Task):
 
     def show(self, model: nn.Module, split: Split, logger: Any, step: int) -> None:
         prompt, _ = split.batch(torch.zeros(1, dtype=torch.long, device=_device(model)))
-        text = generate(model, prompt[0, :16], self.sample_length, seed=step)
+        text = generate(model, prompt[0, :16], self.sample_length, seed=step,
+                        seconds=self.sample_seconds)
         decoded = self.tokenizer.decode(text.tolist())
         logger.text("samples/text", decoded, step)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
-             temperature: float = 1.0) -> Tensor:
-    """Sample `length` tokens after `prompt`, feeding at most the model's context."""
+             temperature: float = 1.0, seconds: float = math.inf) -> Tensor:
+    """Sample up to `length` tokens after `prompt` (fewer if `seconds` run out).
+
+    A model with `decode` (the transformer's key-value cache, the LSTM's state) pays one position
+    per token: a transformer whose context fills starts its cache again from the last half of
+    it. Other models are given the whole (cropped) context each token.
+    """
     context = getattr(model, "context", 0) or len(prompt)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    tokens = prompt.clone()
+    tokens, state, fed = prompt.clone(), None, 0  # fed: the tokens the state or cache holds
+    # Sharded (FSDP): every rank must run the same whole-model forwards, and as many of them.
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    deadline = math.inf if sharded else time.monotonic() + seconds
     for _ in range(length):
-        logits = model(tokens[-context:][None])[0, -1].float() / temperature
-        nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-        tokens = torch.cat([tokens, nxt])
+        if sharded or not hasattr(model, "decode"):
+            logits = model(tokens[-context:][None])[0, -1]
+        else:
+            window = getattr(model, "position", None) is not None and fed >= context
+            if state is None or window:  # (re)start from as much context as fits, or half
+                keep = tokens[-(context // 2 if window else context):]
+                logits, state = model.decode(keep[None])
+                fed = len(keep)
+            else:
+                logits, state = model.decode(tokens[-1:][None], state)
+                fed += 1
+            logits = logits[0]
+        probabilities = F.softmax(logits.float() / temperature, dim=-1)
+        tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=generator)])
+        if time.monotonic() > deadline:
+            break
     model.train(was_training)
     return tokens
 
