@@ -65,3 +65,19 @@ def test_early_stopping_ends_before_the_budget(tmp_path):
                         "trainer.monitor=val/acc"), tmp_path)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["progress"]["step"] < 60 and state["progress"]["stale"] == 2
+
+
+@pytest.mark.parametrize(("max_validations", "expected"), [(None, 40), (10, 10), (100, 40)])
+def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monkeypatch,
+                                                                 max_validations, expected):
+    """Batches of 512 digits: 2 steps an epoch, 40 epochs in 80 steps."""
+    from trainer import loop
+
+    calls, real = [], loop.validation
+    monkeypatch.setattr(loop, "validation", lambda run, *a: calls.append(run.progress.step)
+                        or real(run, *a))
+    train(compose_train("logger=none", "trainer.progress=false", "data.batch_size=512",
+                        "trainer.max_steps=80", "model.width=8", "model.depth=1",
+                        f"trainer.max_validations={max_validations or 'null'}"), tmp_path)
+    assert len(calls) == expected and calls[-1] == 80
+    assert calls == sorted(set(calls))

@@ -46,6 +46,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     log_every: int = 20
     val_every: int | None = None
+    max_validations: int | None = 20  # epoch-end validations in a run, at most
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = None  # also save last.pt every this many minutes
     keep_last: int = 0  # keep this many step-NNNNNN.pt copies of last.pt
@@ -110,6 +111,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
     ("trainer.skip_nonfinite", lambda v: v >= 0, ">= 0"),
     ("trainer.patience", lambda v: v >= 0, ">= 0"),
+    ("trainer.max_validations", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("device.count", lambda v: v >= 1, ">= 1"),
     ("device.nodes", lambda v: v >= 1, ">= 1"),

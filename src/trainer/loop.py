@@ -98,6 +98,13 @@ class Run:
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @property
+    def epochs_per_validation(self) -> int:
+        """Without val_every, validate every epoch, or every few when the run has more epochs
+        than trainer.max_validations (tiny epochs: each validation would cost more than them)."""
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        return max(1, math.ceil(epochs / (self.tc.max_validations or epochs)))
+
 
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     """Train `cfg` in `run_dir` (continuing a checkpoint when cfg.resume), test best.pt, and
@@ -282,7 +289,9 @@ def _validation_due(run: Run) -> bool:
     progress, tc = run.progress, run.tc
     if progress.step == run.total_steps:
         return True
-    return progress.step % tc.val_every == 0 if tc.val_every else progress.batch == 0
+    if tc.val_every:
+        return progress.step % tc.val_every == 0
+    return progress.batch == 0 and progress.epoch % run.epochs_per_validation == 0
 
 
 def _step_checkpoint_due(run: Run) -> bool:
