@@ -298,6 +298,61 @@ def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _generate_job(cfg: DictConfig) -> None:
+    """Sample text from a run's checkpoint, writing it to stdout as it comes."""
+    import torch
+
+    from trainer.tasks.language_model import sample
+
+    for key, ok, accepted in (("length", cfg.length >= 1, ">= 1"),
+                              ("temperature", cfg.temperature > 0, "> 0"),
+                              ("top_k", cfg.top_k is None or cfg.top_k >= 1, ">= 1 or null")):
+        if not ok:
+            raise UserError(f"{key}={cfg[key]} is out of range: it must be {accepted}")
+    s = _language_model_of(cfg)
+    tokenizer = s.task.tokenizer
+    if cfg.prompt is None:  # the start of the validation split, as the samples in TensorBoard
+        ids = s.data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
+    else:
+        ids = tokenizer.encode(cfg.prompt)
+    if not ids:
+        raise UserError("prompt='' gives no tokens: give some text, or leave prompt out")
+    prompt = torch.tensor(ids, device=s.rt.device)
+    shown = tokenizer.decode(ids)
+    sys.stdout.write(shown)
+    for token in sample(s.model, prompt, cfg.length, cfg.seed, cfg.temperature, top_k=cfg.top_k):
+        ids.append(int(token))
+        text = tokenizer.decode(ids)
+        # A byte-level token may end inside a character: wait until it is whole.
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+
+
+def _language_model_of(cfg: DictConfig) -> Any:
+    """The Setup of a run's language model, its checkpoint's weights loaded."""
+    from trainer import checkpoint
+    from trainer.loop import build
+    from trainer.tasks.language_model import LanguageModel
+
+    path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
+    state = checkpoint.load(path)
+    train_cfg = OmegaConf.create(state["config"])
+    if cfg.device:
+        train_cfg.device.type = cfg.device
+        train_cfg.device.sync_batchnorm = False
+    s = build(train_cfg)
+    if not isinstance(s.task, LanguageModel):
+        model = train_cfg.model._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
+                        "model (model=transformer or model=rnn on text data)")
+    with checkpoint.reported_as_mismatch(path):
+        s.model.load_state_dict(state["model"])
+    return s
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_main(cfg: DictConfig) -> Any:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -308,6 +363,11 @@ def _train_main(cfg: DictConfig) -> Any:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def _evaluate_main(cfg: DictConfig) -> Any:
     return _run_reporting_errors(lambda: _evaluate_job(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def _generate_main(cfg: DictConfig) -> Any:
+    return _run_reporting_errors(lambda: _generate_job(cfg))
 
 
 def _check_output_folder(args: list[str]) -> None:
@@ -360,3 +420,21 @@ def evaluate() -> None:
         _print_help("evaluate", sys.argv[1:])
         return
     _evaluate_main()
+
+
+def generate() -> None:
+    """Console script `generate`."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help("generate", sys.argv[1:])
+        return
+    sys.argv = [_quoted_prompt(arg) for arg in sys.argv]
+    _generate_main()
+
+
+def _quoted_prompt(arg: str) -> str:
+    """prompt=ANY TEXT as Hydra's grammar wants it: quoted, so that commas, brackets, quotes and
+    letters beyond ASCII stay text (the shell has already removed the user's own quotes)."""
+    key, _, value = arg.partition("=")
+    if key != "prompt" or value[:1] in ("'", '"') or value == "null":
+        return arg
+    return "prompt='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

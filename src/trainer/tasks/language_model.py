@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,10 +59,19 @@ class LanguageModel(Task):
         logger.text("samples/text", decoded, step)
 
 
-@torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
-             temperature: float = 1.0, seconds: float = math.inf) -> Tensor:
-    """Sample up to `length` tokens after `prompt` (fewer if `seconds` run out).
+             temperature: float = 1.0, seconds: float = math.inf,
+             top_k: int | None = None) -> Tensor:
+    """The prompt and up to `length` tokens sampled after it (fewer if `seconds` run out)."""
+    return torch.cat([prompt, *sample(model, prompt, length, seed, temperature, seconds, top_k)])
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
+           temperature: float = 1.0, seconds: float = math.inf,
+           top_k: int | None = None) -> Iterator[Tensor]:
+    """Yield up to `length` tokens (each a tensor of one id) sampled after `prompt`, each from the
+    `top_k` most likely (all when None), the logits divided by `temperature`.
 
     A model with `decode` (the transformer's key-value cache, the LSTM's state) pays one position
     per token: a transformer whose context fills starts its cache again from the last half of
@@ -75,25 +85,34 @@ def generate(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
     # Sharded (FSDP): every rank must run the same whole-model forwards, and as many of them.
     sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
     deadline = math.inf if sharded else time.monotonic() + seconds
-    for _ in range(length):
-        if sharded or not hasattr(model, "decode"):
-            logits = model(tokens[-context:][None])[0, -1]
-        else:
-            window = getattr(model, "position", None) is not None and fed >= context
-            if state is None or window:  # (re)start from as much context as fits, or half
-                keep = tokens[-(context // 2 if window else context):]
-                logits, state = model.decode(keep[None])
-                fed = len(keep)
+    try:
+        for _ in range(length):
+            if sharded or not hasattr(model, "decode"):
+                logits = model(tokens[-context:][None])[0, -1]
             else:
-                logits, state = model.decode(tokens[-1:][None], state)
-                fed += 1
-            logits = logits[0]
-        probabilities = F.softmax(logits.float() / temperature, dim=-1)
-        tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=generator)])
-        if time.monotonic() > deadline:
-            break
-    model.train(was_training)
-    return tokens
+                window = getattr(model, "position", None) is not None and fed >= context
+                if state is None or window:  # (re)start from as much context as fits, or half
+                    keep = tokens[-(context // 2 if window else context):]
+                    logits, state = model.decode(keep[None])
+                    fed = len(keep)
+                else:
+                    logits, state = model.decode(tokens[-1:][None], state)
+                    fed += 1
+                logits = logits[0]
+            token = _draw(logits.float() / temperature, top_k, generator)
+            tokens = torch.cat([tokens, token])
+            yield token
+            if time.monotonic() > deadline:
+                break
+    finally:
+        model.train(was_training)
+
+
+def _draw(logits: Tensor, top_k: int | None, generator: torch.Generator) -> Tensor:
+    if top_k is not None and top_k < logits.numel():
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, -math.inf)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -1,0 +1,49 @@
+"""The `generate` command: text from a finished language-model run, seeded, streamed to stdout."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_clean_error, compose_train, run_cli
+from trainer.loop import train
+
+
+@pytest.fixture(params=["transformer", "rnn"])
+def language_run(request, tmp_path, text_file):
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", f"model={request.param}", "data=text",
+                        f"data.path={text_file}", "data.block_size=16"), run)
+    return run
+
+
+def test_generate_continues_the_prompt_and_a_seed_repeats_it(tmp_path, language_run):
+    command = ["generate", f"run_dir={language_run}", "prompt=ANNA says: the", "length=40"]
+    first = run_cli(*command, "seed=3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("ANNA says: the") and len(first.stdout) > 50
+    assert run_cli(*command, "seed=3", cwd=tmp_path).stdout == first.stdout
+    assert run_cli(*command, "seed=4", "top_k=3", cwd=tmp_path).stdout != first.stdout
+    assert "Traceback" not in first.stderr
+
+
+def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, language_run):
+    result = run_cli("generate", f"run_dir={language_run}", "length=10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.rstrip("\n")) >= 10
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["prompt=héllo Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
+    (["length=0"], "length=0 is out of range: it must be >= 1"),
+    (["temperature=0"], "temperature=0 is out of range"),
+])
+def test_bad_generate_input_is_one_clear_line(tmp_path, text_file, args, fragment):
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "model=rnn", "data=text",
+                        f"data.path={text_file}", "data.block_size=16"), run)
+    assert_clean_error(run_cli("generate", f"run_dir={run}", *args, cwd=tmp_path), fragment)
+
+
+def test_generate_refuses_a_run_that_is_not_a_language_model(tmp_path, finished_run):
+    assert_clean_error(run_cli("generate", f"run_dir={finished_run}", cwd=tmp_path),
+                       "generate needs a language model")
