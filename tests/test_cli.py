@@ -74,7 +74,7 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
 
 
 @pytest.mark.parametrize("command", ["train --help", "train --cfg job", "evaluate --help",
-                                     "generate --help",
+                                     "generate --help", "predict --help",
                                      "train model=rnn -h"])
 def test_commands_that_train_nothing_never_import_torch(tmp_path, command):
     name, *args = command.split()

@@ -333,9 +333,21 @@ def _generate_job(cfg: DictConfig) -> None:
 
 def _language_model_of(cfg: DictConfig) -> Any:
     """The Setup of a run's language model, its checkpoint's weights loaded."""
+    from trainer.tasks.language_model import LanguageModel
+
+    s = _restored_run(cfg)
+    if not isinstance(s.task, LanguageModel):
+        model = s.cfg.model._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
+                        "model (model=transformer or model=rnn on text data)")
+    return s
+
+
+def _restored_run(cfg: DictConfig) -> Any:
+    """The Setup of a finished run (cfg.run_dir, cfg.checkpoint), its weights loaded, on
+    cfg.device or the run's own."""
     from trainer import checkpoint
     from trainer.loop import build
-    from trainer.tasks.language_model import LanguageModel
 
     path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
     state = checkpoint.load(path)
@@ -344,13 +356,33 @@ def _language_model_of(cfg: DictConfig) -> Any:
         train_cfg.device.type = cfg.device
         train_cfg.device.sync_batchnorm = False
     s = build(train_cfg)
-    if not isinstance(s.task, LanguageModel):
-        model = train_cfg.model._target_.rsplit(".", 1)[-1]
-        raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
-                        "model (model=transformer or model=rnn on text data)")
     with checkpoint.reported_as_mismatch(path):
         s.model.load_state_dict(state["model"])
     return s
+
+
+def _predict_job(cfg: DictConfig) -> None:
+    """An image classifier's labels for the images cfg.inputs names, as CSV."""
+    from trainer.predict import input_images, write_predictions
+    from trainer.tasks.classification import Classification
+
+    if cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} is out of range: it must be >= 1")
+    paths = input_images(cfg.inputs)
+    s = _restored_run(cfg)
+    if not isinstance(s.task, Classification):
+        model = s.cfg.model._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{cfg.run_dir} trained a {model} for {s.data.spec.kind}: predict "
+                        "labels images with an image classifier (cnn, rnn or transformer on "
+                        "image data)")
+    out = open(cfg.outputs, "w", newline="") if cfg.outputs else sys.stdout  # noqa: SIM115
+    try:
+        write_predictions(s.model, s.data.spec.classes, s.data.spec.in_shape, paths, cfg.top_k,
+                          out, s.rt.device)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -368,6 +400,11 @@ def _evaluate_main(cfg: DictConfig) -> Any:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def _generate_main(cfg: DictConfig) -> Any:
     return _run_reporting_errors(lambda: _generate_job(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def _predict_main(cfg: DictConfig) -> Any:
+    return _run_reporting_errors(lambda: _predict_job(cfg))
 
 
 def _check_output_folder(args: list[str]) -> None:
@@ -438,3 +475,11 @@ def _quoted_prompt(arg: str) -> str:
     if key != "prompt" or value[:1] in ("'", '"') or value == "null":
         return arg
     return "prompt='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def predict() -> None:
+    """Console script `predict`."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help("predict", sys.argv[1:])
+        return
+    _predict_main()

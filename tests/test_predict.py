@@ -1,0 +1,61 @@
+"""The `predict` command: a classifier's labels for image files, prepared as in training."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+
+@pytest.fixture
+def test_images(tmp_path):
+    """The run's own test split (digits, seed 0) written to disk as PNGs named by their label."""
+    from PIL import Image
+
+    from trainer.data.images import digits
+
+    test = digits(seed=0).test
+    folder = tmp_path / "test-images"
+    (folder / "nested").mkdir(parents=True)
+    for i, (image, label) in enumerate(zip(test.images, test.labels.tolist(), strict=True)):
+        sub = folder / "nested" if i % 2 else folder  # a folder is searched recursively
+        Image.fromarray(image[0].numpy(), mode="L").save(sub / f"{i:03d}_label{label}.png")
+    return folder
+
+
+def test_predict_labels_the_test_images_as_the_test_metrics_say(tmp_path, finished_run,
+                                                               test_images):
+    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={test_images}", "top_k=2",
+                     f"outputs={tmp_path / 'labels.csv'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "labels.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(list(test_images.rglob("*.png")))
+    assert set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2"}
+    right = [row["label"] == row["path"].rsplit("label", 1)[1].removesuffix(".png") for row in rows]
+    accuracy = sum(right) / len(rows)
+    assert accuracy == pytest.approx(json.loads((finished_run / "metrics.json").read_text())
+                                     ["test/acc"], abs=1e-9)
+    assert all(float(row["probability"]) >= float(row["probability_2"]) for row in rows)
+
+
+def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
+    image = next(test_images.glob("*.png"))
+    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={image}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [row] = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert row["path"] == str(image) and row["label"] in [str(d) for d in range(10)]
+
+
+@pytest.mark.parametrize(("inputs", "fragment"), [
+    ("nowhere", "inputs='nowhere' does not exist"),
+    ("notes.md", "notes.md is not a readable image"),
+])
+def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, inputs, fragment):
+    (tmp_path / "notes.md").write_text("not an image")
+    assert_clean_error(run_cli("predict", f"run_dir={finished_run}", f"inputs={inputs}",
+                               cwd=tmp_path), fragment)
