@@ -8,11 +8,15 @@ from conftest import assert_clean_error, compose_train, run_cli
 from trainer.loop import train
 
 
-@pytest.fixture(params=["transformer", "rnn"])
-def language_run(request, tmp_path, text_file):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module", params=["transformer", "rnn"])
+def language_run(request, tmp_path_factory):
+    """A finished char-level language model run on a small text (one per model and module)."""
+    folder = tmp_path_factory.mktemp("language")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("ANNA says: the sky is blue and the sea is green.\n" * 40)
+    run = folder / "run"
     train(compose_train("debug=fast", "logger=none", f"model={request.param}", "data=text",
-                        f"data.path={text_file}", "data.block_size=16"), run)
+                        f"data.path={corpus}", "data.block_size=16"), run)
     return run
 
 
@@ -26,6 +30,7 @@ def test_generate_continues_the_prompt_and_a_seed_repeats_it(tmp_path, language_
     assert "Traceback" not in first.stderr
 
 
+@pytest.mark.slow
 def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, language_run):
     result = run_cli("generate", f"run_dir={language_run}", "length=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -33,17 +38,18 @@ def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, lan
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["prompt=héllo Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
+    (["prompt=the Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
     (["length=0"], "length=0 is out of range: it must be >= 1"),
     (["temperature=0"], "temperature=0 is out of range"),
 ])
-def test_bad_generate_input_is_one_clear_line(tmp_path, text_file, args, fragment):
-    run = tmp_path / "run"
-    train(compose_train("debug=fast", "logger=none", "model=rnn", "data=text",
-                        f"data.path={text_file}", "data.block_size=16"), run)
-    assert_clean_error(run_cli("generate", f"run_dir={run}", *args, cwd=tmp_path), fragment)
+@pytest.mark.slow
+@pytest.mark.parametrize("language_run", ["rnn"], indirect=True)
+def test_bad_generate_input_is_one_clear_line(tmp_path, language_run, args, fragment):
+    assert_clean_error(run_cli("generate", f"run_dir={language_run}", *args, cwd=tmp_path),
+                       fragment)
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_run_that_is_not_a_language_model(tmp_path, finished_run):
     assert_clean_error(run_cli("generate", f"run_dir={finished_run}", cwd=tmp_path),
                        "generate needs a language model")

@@ -43,6 +43,7 @@ def test_predict_labels_the_test_images_as_the_test_metrics_say(tmp_path, finish
     assert all(float(row["probability"]) >= float(row["probability_2"]) for row in rows)
 
 
+@pytest.mark.slow
 def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
     image = next(test_images.glob("*.png"))
     result = run_cli("predict", f"run_dir={finished_run}", f"inputs={image}", cwd=tmp_path)
@@ -51,6 +52,7 @@ def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
     assert row["path"] == str(image) and row["label"] in [str(d) for d in range(10)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("inputs", "fragment"), [
     ("nowhere", "inputs='nowhere' does not exist"),
     ("notes.md", "notes.md is not a readable image"),
@@ -59,3 +61,29 @@ def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, inputs, f
     (tmp_path / "notes.md").write_text("not an image")
     assert_clean_error(run_cli("predict", f"run_dir={finished_run}", f"inputs={inputs}",
                                cwd=tmp_path), fragment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["autoencoder", "gan"])
+def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model):
+    from PIL import Image
+
+    from conftest import compose_train
+    from trainer.loop import train
+
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", f"model={model}"), run)
+    folder = tmp_path / "out"
+    result = run_cli("predict", f"run_dir={run}", f"inputs={test_images}", "count=5",
+                     f"outputs={folder}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.name for p in folder.glob("*.png"))
+    expected = len(list(test_images.rglob("*.png"))) if model == "autoencoder" else 5
+    assert len(written) == expected + 1 and "grid.png" in written
+    with Image.open(folder / next(n for n in written if n != "grid.png")) as image:
+        assert image.size == (8, 8)  # the run's image size
+    if model == "gan":  # seeded: the same samples again
+        again = run_cli("predict", f"run_dir={run}", "count=5", f"outputs={tmp_path / 'again'}",
+                        cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert (tmp_path / "again" / "grid.png").read_bytes() == (folder / "grid.png").read_bytes()

@@ -362,23 +362,38 @@ def _restored_run(cfg: DictConfig) -> Any:
 
 
 def _predict_job(cfg: DictConfig) -> None:
-    """An image classifier's labels for the images cfg.inputs names, as CSV."""
-    from trainer.predict import input_images, write_predictions
+    """What a run makes of new inputs: a classifier's labels (CSV), an autoencoder's
+    reconstructions, a GAN's samples (PNGs and a grid)."""
+    from trainer import predict
+    from trainer.tasks.adversarial import Adversarial
     from trainer.tasks.classification import Classification
+    from trainer.tasks.reconstruction import Reconstruction
 
-    if cfg.top_k < 1:
-        raise UserError(f"top_k={cfg.top_k} is out of range: it must be >= 1")
-    paths = input_images(cfg.inputs)
+    for key, minimum in (("top_k", 1), ("count", 1)):
+        if cfg[key] < minimum:
+            raise UserError(f"{key}={cfg[key]} is out of range: it must be >= {minimum}")
     s = _restored_run(cfg)
-    if not isinstance(s.task, Classification):
-        model = s.cfg.model._target_.rsplit(".", 1)[-1]
-        raise UserError(f"{cfg.run_dir} trained a {model} for {s.data.spec.kind}: predict "
-                        "labels images with an image classifier (cnn, rnn or transformer on "
-                        "image data)")
+    spec, device = s.data.spec, s.rt.device
+    if isinstance(s.task, Adversarial):
+        folder = Path(cfg.outputs or "predictions")
+        predict.write_samples(s.model, cfg.count, cfg.seed, folder, device)
+        log.info("wrote %d samples and grid.png to %s", cfg.count, folder)
+        return
+    if not isinstance(s.task, Classification | Reconstruction):
+        raise UserError(f"{cfg.run_dir} is a language model: use generate run_dir=... "
+                        "prompt=... for text")
+    if cfg.inputs is None:
+        raise UserError("inputs=PATH is required: an image, a folder of images or a .txt list")
+    paths = predict.input_images(cfg.inputs)
+    if isinstance(s.task, Reconstruction):
+        folder = Path(cfg.outputs or "predictions")
+        predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
+        log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
+        return
     out = open(cfg.outputs, "w", newline="") if cfg.outputs else sys.stdout  # noqa: SIM115
     try:
-        write_predictions(s.model, s.data.spec.classes, s.data.spec.in_shape, paths, cfg.top_k,
-                          out, s.rt.device)
+        predict.write_predictions(s.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
+                                  device)
     finally:
         if out is not sys.stdout:
             out.close()

@@ -1,5 +1,6 @@
-"""`predict`: an image classifier's labels for the user's own images, prepared exactly as its
-training images were (decoded, resized to its size, its channels, scaled to [-1, 1])."""
+"""`predict`: what a finished image run makes of new inputs. Images are prepared exactly as the
+run's training images were (decoded, resized to its size, its channels, scaled to [-1, 1]); a
+classifier labels them (CSV), an autoencoder reconstructs them, a GAN draws samples (PNGs)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,48 @@ def write_predictions(model: torch.nn.Module, classes: tuple[str, ...], shape: t
                                         strict=True):
             writer.writerow([path, *(cell for label, value in zip(labels, values, strict=True)
                                      for cell in (classes[label], f"{value:.4f}"))])
+
+
+@torch.no_grad()
+def write_reconstructions(model: torch.nn.Module, shape: tuple[int, ...], paths: list[str],
+                          folder: Path, device: torch.device) -> None:
+    """The autoencoder's reconstruction of each image as NNNN_NAME.png in `folder`, and grid.png:
+    the first 16 inputs above their reconstructions."""
+    from torchvision.utils import save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    shown: list[torch.Tensor] = []
+    number = 0
+    for chunk, images in prepared(paths, shape):
+        inputs = to_unit_range(images.to(device))
+        outputs = model(inputs)
+        for path, output in zip(chunk, outputs, strict=True):
+            save_image(output * 0.5 + 0.5, folder / f"{number:04d}_{Path(path).stem}.png")
+            number += 1
+        pairs = [torch.stack([i, o]) for i, o in zip(inputs, outputs, strict=True)]
+        shown += pairs[:16 - len(shown)]
+    rows = torch.stack(shown).transpose(0, 1)  # (2, n, C, H, W): inputs above reconstructions
+    _save_grid(rows.flatten(0, 1), len(shown), folder / "grid.png")
+
+
+@torch.no_grad()
+def write_samples(model: torch.nn.Module, count: int, seed: int, folder: Path,
+                  device: torch.device) -> None:
+    """`count` images from the GAN's generator, seeded, as sample-NNNN.png and grid.png."""
+    from torchvision.utils import save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = model.generator(model.sample_latent(count, generator))
+    for number, image in enumerate(images):
+        save_image(image * 0.5 + 0.5, folder / f"sample-{number:04d}.png")
+    _save_grid(images, 8, folder / "grid.png")
+
+
+def _save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    save_image(make_grid(images.float().cpu(), nrow=per_row, normalize=True, value_range=(-1, 1),
+                         padding=1), path)
