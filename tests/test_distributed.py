@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import assert_clean_error, compose_train, run_cli, run_dirs
 from trainer.loop import train
 from trainer.ranks import adopt_slurm_env
 
@@ -88,17 +88,21 @@ def test_external_torchrun_joins_instead_of_launching(tmp_path, two):
     assert_close(metrics(run), metrics(two))
 
 
-def test_every_architecture_trains_under_ddp_in_a_sweep_of_two_process_jobs(tmp_path):
+# The CNN trains in two processes in the tests above as well.
+DDP_MODELS = ["rnn", "transformer", "gan", "autoencoder"]
+
+
+def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_jobs(tmp_path):
     result = run_cli("train", "-m", "debug=fast", "device=cpu", "device.count=2",
-                     f"model={','.join(MODELS)}", cwd=tmp_path)
+                     f"model={','.join(DDP_MODELS)}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == [str(n) for n in range(len(MODELS))]
+    assert jobs == [str(n) for n in range(len(DDP_MODELS))]
     for job in jobs:
         assert "test/loss" in metrics(sweep / job)
         assert len(list((sweep / job / "tensorboard").rglob("events.*"))) == 1
-    assert len(run_dirs(tmp_path)) == len(MODELS)  # one per job, none per rank
+    assert len(run_dirs(tmp_path)) == len(DDP_MODELS)  # one per job, none per rank
 
 
 @pytest.mark.parametrize("how", ["raise", "kill"])

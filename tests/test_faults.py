@@ -91,7 +91,7 @@ def test_a_run_killed_anywhere_resumes_bit_identical(kill_and_resume, model, poi
     kill_and_resume(point, [*RUN, f"model={model}", *DROPOUT.get(model, [])])
 
 
-@pytest.mark.parametrize("point", ["step", "write"])
+@pytest.mark.parametrize("point", ["write"])
 def test_killed_while_streaming_images_from_disk(kill_and_resume, image_folder, point):
     kill_and_resume(point, [*RUN, "data=image_folder", f"data.path={image_folder}",
                             "data.image_size=8", "data.in_memory=false", "data.batch_size=4",

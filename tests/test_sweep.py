@@ -67,27 +67,17 @@ def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_of_three_trials(tmp_path):
+def test_optuna_search_of_two_trials(tmp_path):
     result = run_cli("train", "hparams_search=classification", "debug=fast",
-                     "hydra.sweeper.n_trials=3", cwd=tmp_path)
+                     "hydra.sweeper.n_trials=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optimizer.lr" in best
     with open(sweep / "sweep_summary.csv") as file:
         accuracies = [float(row["val/acc"]) for row in csv.DictReader(file)]
-    assert len(accuracies) == 3 and accuracies == sorted(accuracies, reverse=True)
-
-
-@pytest.mark.slow
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
-    result = run_cli("train", "-m", "debug=fast", "hydra/launcher=joblib",
-                     "hydra.launcher.n_jobs=2", "model=cnn,autoencoder", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    sweep = sweep_dir(tmp_path)
-    assert all((sweep / n / "metrics.json").is_file() for n in ("0", "1"))
-    assert (sweep / "sweep_summary.csv").is_file()
+    assert len(accuracies) == 2 and accuracies == sorted(accuracies, reverse=True)
 
 
 def test_cluster_launcher_configs_compose():
