@@ -103,6 +103,7 @@ def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, command)
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_kept_checkpoints_and_resuming_from_one(tmp_path):
     run = tmp_path / "run"
     loop.train(compose_train(*RUN, "trainer.max_steps=8", "trainer.checkpoint_every=2",
