@@ -41,6 +41,7 @@ def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, lan
     (["prompt=the Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
     (["length=0"], "length=0 is out of range: it must be >= 1"),
     (["temperature=0"], "temperature=0 is out of range"),
+    (["prompt="], "prompt='' gives no tokens"),
 ])
 @pytest.mark.slow
 def test_bad_generate_input_is_one_clear_line(tmp_path, language_run, args, fragment):
@@ -52,3 +53,9 @@ def test_bad_generate_input_is_one_clear_line(tmp_path, language_run, args, frag
 def test_generate_refuses_a_run_that_is_not_a_language_model(tmp_path, finished_run):
     assert_clean_error(run_cli("generate", f"run_dir={finished_run}", cwd=tmp_path),
                        "generate needs a language model")
+
+
+@pytest.mark.slow
+def test_predict_points_a_language_model_run_to_generate(tmp_path, language_run):
+    assert_clean_error(run_cli("predict", f"run_dir={language_run}", "inputs=x", cwd=tmp_path),
+                       "is a language model: use generate")

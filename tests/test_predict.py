@@ -53,14 +53,18 @@ def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("inputs", "fragment"), [
-    ("nowhere", "inputs='nowhere' does not exist"),
-    ("notes.md", "notes.md is not a readable image"),
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["inputs=nowhere"], "inputs='nowhere' does not exist"),
+    (["inputs=notes.md"], "notes.md is not a readable image"),
+    (["inputs=empty"], "inputs='empty' holds no images"),
+    ([], "inputs=PATH is required"),
+    (["inputs=notes.md", "top_k=0"], "top_k=0 is out of range: it must be >= 1"),
 ])
-def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, inputs, fragment):
+def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, args, fragment):
     (tmp_path / "notes.md").write_text("not an image")
-    assert_clean_error(run_cli("predict", f"run_dir={finished_run}", f"inputs={inputs}",
-                               cwd=tmp_path), fragment)
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_cli("predict", f"run_dir={finished_run}", *args, cwd=tmp_path),
+                       fragment)
 
 
 @pytest.mark.slow

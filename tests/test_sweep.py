@@ -123,3 +123,16 @@ def test_a_sweep_survives_failed_and_killed_jobs_and_resume_auto_finishes_it(tmp
 def summary_statuses(sweep):
     with open(sweep / "sweep_summary.csv") as file:
         return [row["status"] for row in csv.DictReader(file)]
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_a_sweep_directory_of_other_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = ["train", "-m", "debug=fast", "logger=none", "trainer.max_steps=2", "resume=auto",
+               f"hydra.sweep.dir={sweep}"]
+    assert run_cli(*command, "seed=0", cwd=tmp_path).returncode == 0
+    other = run_cli(*command, "seed=1", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr  # the sweep goes on; the job is recorded failed
+    record = json.loads((sweep / "0" / "job.json").read_text())
+    assert record["status"] == "failed"
+    assert "holds job 0 of another sweep" in record["error"] and "seed=0" in record["error"]
