@@ -1,11 +1,11 @@
-"""The `train` and `evaluate` commands: thin Hydra entrypoints over loop.py.
+"""The console scripts `train`, `evaluate`, `predict` and `generate`: thin Hydra entrypoints
+over loop.py (training, sweeps, process groups) and use.py (a finished run's jobs).
 
 Heavy imports (torch, the loop) happen only once a command runs, so `--help` is quick.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -276,130 +276,6 @@ def _join_external_group() -> None:
         sys.exit(STOPPED_EXIT)
 
 
-def _evaluate_job(cfg: DictConfig) -> dict[str, float]:
-    from trainer import checkpoint
-    from trainer.evaluation import test_checkpoint
-    from trainer.loop import build
-
-    run_dir = Path(cfg.run_dir)
-    path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
-    state = checkpoint.load(path)
-    train_cfg = OmegaConf.create(state["config"])
-    if cfg.device:
-        train_cfg.device.type = cfg.device
-        train_cfg.device.sync_batchnorm = False  # one process: nothing to synchronise
-    metrics, _ = test_checkpoint(build(train_cfg), path, state)
-    saved = run_dir / "metrics.json"
-    if saved.is_file():
-        recorded = json.loads(saved.read_text())
-        same = all(recorded.get(k) == v for k, v in metrics.items())
-        log.info("test metrics %s metrics.json", "match" if same else "differ from")
-    print(json.dumps(metrics))  # last line of stdout, for scripts
-    return metrics
-
-
-def _generate_job(cfg: DictConfig) -> None:
-    """Sample text from a run's checkpoint, writing it to stdout as it comes."""
-    import torch
-
-    from trainer.tasks.language_model import sample
-
-    for key, ok, accepted in (("length", cfg.length >= 1, ">= 1"),
-                              ("temperature", cfg.temperature > 0, "> 0"),
-                              ("top_k", cfg.top_k is None or cfg.top_k >= 1, ">= 1 or null")):
-        if not ok:
-            raise UserError(f"{key}={cfg[key]} is out of range: it must be {accepted}")
-    s = _language_model_of(cfg)
-    tokenizer = s.task.tokenizer
-    if cfg.prompt is None:  # the start of the validation split, as the samples in TensorBoard
-        ids = s.data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
-    else:
-        ids = tokenizer.encode(cfg.prompt)
-    if not ids:
-        raise UserError("prompt='' gives no tokens: give some text, or leave prompt out")
-    prompt = torch.tensor(ids, device=s.rt.device)
-    shown = tokenizer.decode(ids)
-    sys.stdout.write(shown)
-    for token in sample(s.model, prompt, cfg.length, cfg.seed, cfg.temperature, top_k=cfg.top_k):
-        ids.append(int(token))
-        text = tokenizer.decode(ids)
-        # A byte-level token may end inside a character: wait until it is whole.
-        if text.startswith(shown) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
-
-
-def _language_model_of(cfg: DictConfig) -> Any:
-    """The Setup of a run's language model, its checkpoint's weights loaded."""
-    from trainer.tasks.language_model import LanguageModel
-
-    s = _restored_run(cfg)
-    if not isinstance(s.task, LanguageModel):
-        model = s.cfg.model._target_.rsplit(".", 1)[-1]
-        raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
-                        "model (model=transformer or model=rnn on text data)")
-    return s
-
-
-def _restored_run(cfg: DictConfig) -> Any:
-    """The Setup of a finished run (cfg.run_dir, cfg.checkpoint), its weights loaded, on
-    cfg.device or the run's own."""
-    from trainer import checkpoint
-    from trainer.loop import build
-
-    path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
-    state = checkpoint.load(path)
-    train_cfg = OmegaConf.create(state["config"])
-    if cfg.device:
-        train_cfg.device.type = cfg.device
-        train_cfg.device.sync_batchnorm = False
-    s = build(train_cfg)
-    with checkpoint.reported_as_mismatch(path):
-        s.model.load_state_dict(state["model"])
-    return s
-
-
-def _predict_job(cfg: DictConfig) -> None:
-    """What a run makes of new inputs: a classifier's labels (CSV), an autoencoder's
-    reconstructions, a GAN's samples (PNGs and a grid)."""
-    from trainer import predict
-    from trainer.tasks.adversarial import Adversarial
-    from trainer.tasks.classification import Classification
-    from trainer.tasks.reconstruction import Reconstruction
-
-    for key, minimum in (("top_k", 1), ("count", 1)):
-        if cfg[key] < minimum:
-            raise UserError(f"{key}={cfg[key]} is out of range: it must be >= {minimum}")
-    s = _restored_run(cfg)
-    spec, device = s.data.spec, s.rt.device
-    if isinstance(s.task, Adversarial):
-        folder = Path(cfg.outputs or "predictions")
-        predict.write_samples(s.model, cfg.count, cfg.seed, folder, device)
-        log.info("wrote %d samples and grid.png to %s", cfg.count, folder)
-        return
-    if not isinstance(s.task, Classification | Reconstruction):
-        raise UserError(f"{cfg.run_dir} is a language model: use generate run_dir=... "
-                        "prompt=... for text")
-    if cfg.inputs is None:
-        raise UserError("inputs=PATH is required: an image, a folder of images or a .txt list")
-    paths = predict.input_images(cfg.inputs)
-    if isinstance(s.task, Reconstruction):
-        folder = Path(cfg.outputs or "predictions")
-        predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
-        log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
-        return
-    out = open(cfg.outputs, "w", newline="") if cfg.outputs else sys.stdout  # noqa: SIM115
-    try:
-        predict.write_predictions(s.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
-                                  device)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_main(cfg: DictConfig) -> Any:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -409,17 +285,23 @@ def _train_main(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def _evaluate_main(cfg: DictConfig) -> Any:
-    return _run_reporting_errors(lambda: _evaluate_job(cfg))
+    from trainer import use
+
+    return _run_reporting_errors(lambda: use.evaluate_job(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def _generate_main(cfg: DictConfig) -> Any:
-    return _run_reporting_errors(lambda: _generate_job(cfg))
+    from trainer import use
+
+    return _run_reporting_errors(lambda: use.generate_job(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def _predict_main(cfg: DictConfig) -> Any:
-    return _run_reporting_errors(lambda: _predict_job(cfg))
+    from trainer import use
+
+    return _run_reporting_errors(lambda: use.predict_job(cfg))
 
 
 def _check_output_folder(args: list[str]) -> None:

@@ -1,0 +1,143 @@
+"""Using a finished run: the jobs behind `evaluate`, `predict` and `generate`. Each rebuilds the
+run's data and model from the config saved in its checkpoint; torch is imported only here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def evaluate_job(cfg: DictConfig) -> dict[str, float]:
+    """The test metrics of a run's checkpoint, printed as JSON (the last line of stdout), and
+    whether they match its metrics.json (in the log)."""
+    from trainer.evaluation import test_checkpoint
+    from trainer.loop import build
+
+    path, state, train_cfg = saved_run(cfg)
+    metrics, _ = test_checkpoint(build(train_cfg), path, state)
+    saved = Path(cfg.run_dir) / "metrics.json"
+    if saved.is_file():
+        recorded = json.loads(saved.read_text())
+        same = all(recorded.get(k) == v for k, v in metrics.items())
+        log.info("test metrics %s metrics.json", "match" if same else "differ from")
+    print(json.dumps(metrics))  # last line of stdout, for scripts
+    return metrics
+
+
+def generate_job(cfg: DictConfig) -> None:
+    """Sample text from a run's checkpoint, writing it to stdout as it comes."""
+    import torch
+
+    from trainer.tasks.language_model import sample
+
+    for key, ok, accepted in (("length", cfg.length >= 1, ">= 1"),
+                              ("temperature", cfg.temperature > 0, "> 0"),
+                              ("top_k", cfg.top_k is None or cfg.top_k >= 1, ">= 1 or null")):
+        if not ok:
+            raise UserError(f"{key}={cfg[key]} is out of range: it must be {accepted}")
+    s = _language_model_of(cfg)
+    tokenizer = s.task.tokenizer
+    if cfg.prompt is None:  # the start of the validation split, as the samples in TensorBoard
+        ids = s.data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
+    else:
+        ids = tokenizer.encode(cfg.prompt)
+    if not ids:
+        raise UserError("prompt='' gives no tokens: give some text, or leave prompt out")
+    prompt = torch.tensor(ids, device=s.rt.device)
+    shown = tokenizer.decode(ids)
+    sys.stdout.write(shown)
+    for token in sample(s.model, prompt, cfg.length, cfg.seed, cfg.temperature, top_k=cfg.top_k):
+        ids.append(int(token))
+        text = tokenizer.decode(ids)
+        # A byte-level token may end inside a character: wait until it is whole.
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+
+
+def _language_model_of(cfg: DictConfig) -> Any:
+    """The Setup of a run's language model, its checkpoint's weights loaded."""
+    from trainer.tasks.language_model import LanguageModel
+
+    s = restored_run(cfg)
+    if not isinstance(s.task, LanguageModel):
+        model = s.cfg.model._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
+                        "model (model=transformer or model=rnn on text data)")
+    return s
+
+
+def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
+    """The checkpoint cfg.run_dir/checkpoints/<cfg.checkpoint>.pt, its state, and the training
+    config saved in it, moved to cfg.device when one is given."""
+    from trainer import checkpoint
+
+    path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
+    state = checkpoint.load(path)
+    train_cfg = OmegaConf.create(state["config"])
+    if cfg.device:
+        train_cfg.device.type = cfg.device
+        train_cfg.device.sync_batchnorm = False  # one process: nothing to synchronise
+    return path, state, train_cfg
+
+
+def restored_run(cfg: DictConfig) -> Any:
+    """The Setup of a finished run, its checkpoint's weights loaded."""
+    from trainer import checkpoint
+    from trainer.loop import build
+
+    path, state, train_cfg = saved_run(cfg)
+    s = build(train_cfg)
+    with checkpoint.reported_as_mismatch(path):
+        s.model.load_state_dict(state["model"])
+    return s
+
+
+def predict_job(cfg: DictConfig) -> None:
+    """What a run makes of new inputs: a classifier's labels (CSV), an autoencoder's
+    reconstructions, a GAN's samples (PNGs and a grid)."""
+    from trainer import predict
+    from trainer.tasks.adversarial import Adversarial
+    from trainer.tasks.classification import Classification
+    from trainer.tasks.reconstruction import Reconstruction
+
+    for key, minimum in (("top_k", 1), ("count", 1)):
+        if cfg[key] < minimum:
+            raise UserError(f"{key}={cfg[key]} is out of range: it must be >= {minimum}")
+    s = restored_run(cfg)
+    spec, device = s.data.spec, s.rt.device
+    if isinstance(s.task, Adversarial):
+        folder = Path(cfg.outputs or "predictions")
+        predict.write_samples(s.model, cfg.count, cfg.seed, folder, device)
+        log.info("wrote %d samples and grid.png to %s", cfg.count, folder)
+        return
+    if not isinstance(s.task, Classification | Reconstruction):
+        raise UserError(f"{cfg.run_dir} is a language model: use generate run_dir=... "
+                        "prompt=... for text")
+    if cfg.inputs is None:
+        raise UserError("inputs=PATH is required: an image, a folder of images or a .txt list")
+    paths = predict.input_images(cfg.inputs)
+    if isinstance(s.task, Reconstruction):
+        folder = Path(cfg.outputs or "predictions")
+        predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
+        log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
+        return
+    out = open(cfg.outputs, "w", newline="") if cfg.outputs else sys.stdout  # noqa: SIM115
+    try:
+        predict.write_predictions(s.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
+                                  device)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
