@@ -225,6 +225,10 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
     # The agent logs a failed worker inside a traceback of its own polling code; the worker's
     # own traceback and a line naming the rank are printed below instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # Each worker's CPU threads get their share of the cores, as torchrun gives them: N processes
+    # of all-cores thread pools on the same cores slow each other down. A value set is kept.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // device_cfg.count)))
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError as error:
