@@ -1,5 +1,5 @@
-"""The console scripts `train`, `evaluate`, `predict` and `generate`: thin Hydra entrypoints
-over loop.py (training, sweeps, process groups) and use.py (a finished run's jobs).
+"""The console scripts `train`, `evaluate`, `predict`, `generate` and `export-model`: thin Hydra
+entrypoints over loop.py (training, sweeps, process groups) and use.py (a finished run's jobs).
 
 Heavy imports (torch, the loop) happen only once a command runs, so `--help` is quick.
 """
@@ -304,6 +304,13 @@ def _predict_main(cfg: DictConfig) -> Any:
     return _run_reporting_errors(lambda: use.predict_job(cfg))
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def _export_main(cfg: DictConfig) -> Any:
+    from trainer import use
+
+    return _run_reporting_errors(lambda: use.export_job(cfg))
+
+
 def _check_output_folder(args: list[str]) -> None:
     """Where the run directory will go must be a folder this process can write (else Hydra
     fails creating it, with a traceback)."""
@@ -380,3 +387,11 @@ def predict() -> None:
         _print_help("predict", sys.argv[1:])
         return
     _predict_main()
+
+
+def export_model() -> None:
+    """Console script `export-model` (`export` is a shell builtin: it would never run)."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help("export", sys.argv[1:])
+        return
+    _export_main()

@@ -1,5 +1,6 @@
-"""Using a finished run: the jobs behind `evaluate`, `predict` and `generate`. Each rebuilds the
-run's data and model from the config saved in its checkpoint; torch is imported only here."""
+"""Using a finished run: the jobs behind `evaluate`, `predict`, `generate` and `export-model`.
+Each rebuilds the run's data and model from the config saved in its checkpoint; torch is imported
+only here."""
 
 from __future__ import annotations
 
@@ -141,3 +142,19 @@ def predict_job(cfg: DictConfig) -> None:
         if out is not sys.stdout:
             out.close()
     log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
+
+
+def export_job(cfg: DictConfig) -> dict[str, Any]:
+    """The run's model in cfg.format, checked against PyTorch on test inputs, in cfg.outputs
+    (default RUN/export); its export.json entry printed as JSON (the last line of stdout)."""
+    from trainer.export import export
+
+    if cfg.count < 3:
+        raise UserError(f"count={cfg.count} is out of range: it must be >= 3 (test inputs to "
+                        "check the export on: more than the 2 it is traced with)")
+    folder = Path(cfg.outputs or Path(cfg.run_dir) / "export")
+    entry = export(restored_run(cfg), cfg.format, folder, cfg.count)
+    log.info("exported %s: outputs equal PyTorch's within %.2g on %d test inputs",
+             folder / entry["file"], entry["max_abs_diff"], entry["inputs_checked"])
+    print(json.dumps(entry))
+    return entry

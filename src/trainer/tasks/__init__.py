@@ -26,8 +26,16 @@ class Task:
     monitor: tuple[str, str] | None = ("val/loss", "min")  # best.pt; None keeps the latest
     unit = "samples"  # what perf/<unit>_per_s counts
 
+    # What an exported model takes and gives (export.json says it to the serving side).
+    served_input = "images scaled to [-1, 1] (pixel / 127.5 - 1), channels first"
+    served_output = "class scores (logits), in the order of `classes`"
+
+    def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
+        """What the model takes from the data, beside its own config."""
+        return {"in_shape": spec.in_shape, "num_classes": spec.num_classes}
+
     def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
-        return instantiate(cfg, in_shape=spec.in_shape, num_classes=spec.num_classes)
+        return instantiate(cfg, **self.model_sizes(spec))
 
     def param_groups(self, model: nn.Module) -> list[list[Any]]:
         """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
@@ -54,6 +62,12 @@ class Task:
 
     def show(self, model: nn.Module, split: Split, logger: Any, step: int) -> None:
         """Log what a user looks at rather than reads (images, text). Nothing by default."""
+
+    def served(self, model: nn.Module, split: Split, count: int) -> tuple[nn.Module, Tensor]:
+        """What `export` writes: the module a serving stack runs, and `count` of its inputs (the
+        first test inputs) to trace it with and check the exported copy against."""
+        index = torch.arange(min(count, len(split)), device=next(model.parameters()).device)
+        return model, split.batch(index)[0]
 
 
 def task_for(model_cfg: DictConfig, spec: DataSpec) -> Task:

@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.tasks import Task, as_count, mean_of
 
@@ -26,8 +24,11 @@ class Adversarial(Task):
     monitor = None  # no loss says which GAN checkpoint is best: best.pt is the latest
     samples = 64
 
-    def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
-        return instantiate(cfg, in_shape=spec.in_shape)
+    served_input = "latent vectors drawn from a standard normal distribution"
+    served_output = "generated images in [-1, 1] (pixel = (x + 1) * 127.5), channels first"
+
+    def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
+        return {"in_shape": spec.in_shape}
 
     def param_groups(self, model: nn.Module) -> list[list[dict[str, Any]]]:
         """Discriminator, then generator; both with Adam's beta1 at 0.5, as GANs need since
@@ -76,6 +77,11 @@ class Adversarial(Task):
         with torch.no_grad():
             images = model.generator(model.sample_latent(self.samples, seeded))
         logger.images("samples/generated", images, step)
+
+    def served(self, model: nn.Module, split: Split, count: int) -> tuple[nn.Module, Tensor]:
+        """The generator alone, and seeded latent vectors."""
+        seeded = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+        return model.generator, model.sample_latent(count, seeded)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.tasks import Task, as_count, mean_of
 
@@ -23,11 +22,17 @@ class LanguageModel(Task):
     sample_length = 300  # tokens sampled at each validation...
     sample_seconds = 2.0  # ...or fewer, when sampling takes longer than this
 
+    served_input = "token ids (int64), at most block_size of them per row"
+    served_output = "next-token scores (logits) at every position"
+
+    def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
+        return {"vocab_size": spec.vocab_size, "block_size": spec.block_size}
+
     def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
         assert spec.tokenizer is not None, "text data comes with its tokenizer"
         self.tokenizer = spec.tokenizer
         self.token_bytes = spec.tokenizer.token_bytes()
-        return instantiate(cfg, vocab_size=spec.vocab_size, block_size=spec.block_size)
+        return super().build_model(cfg, spec)
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       stage: int) -> tuple[Tensor, dict[str, Tensor]]:

@@ -4,10 +4,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.tasks import Task, as_count, mean_of
 
@@ -18,8 +16,10 @@ class Reconstruction(Task):
     monitor = ("val/mse", "min")
     shown = 16
 
-    def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
-        return instantiate(cfg, in_shape=spec.in_shape)
+    served_output = "reconstructed images in [-1, 1], the input's shape"
+
+    def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
+        return {"in_shape": spec.in_shape}
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor],
                       stage: int) -> tuple[Tensor, dict[str, Tensor]]:
