@@ -1,5 +1,5 @@
-"""A CNN that crashes at its third training step where the CRASH environment variable says: for
-the failing-rank, killed-rank and failing-sweep-job tests.
+"""Models that fail on purpose. CrashingCNN crashes at its third training step where the CRASH
+environment variable says: for the failing-rank, killed-rank and failing-sweep-job tests.
 
 CRASH is a comma-separated list of WHO:HOW. WHO is `rank1` (the process of rank 1) or `seed3`
 (a run with seed=3); HOW is `raise` (a RuntimeError) or `kill` (SIGKILL, as the out-of-memory
@@ -33,4 +33,13 @@ class CrashingCNN(CNN):
                 raise RuntimeError("deliberate failure")
             if self.calls == 3 and self.crash == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(images)
+
+
+class UnexportableCNN(CNN):
+    """A CNN whose forward branches on its input's values: torch.export cannot trace it."""
+
+    def forward(self, images):
+        if images.mean() > 10:  # never true for images in [-1, 1]: trains as a CNN
+            images = -images
         return super().forward(images)

@@ -75,10 +75,12 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
 
 @pytest.mark.parametrize("command", ["train --help", "train --cfg job", "evaluate --help",
                                      "generate --help", "predict --help",
-                                     "train model=rnn -h"])
+                                     "export-model --help", "train model=rnn -h"])
 def test_commands_that_train_nothing_never_import_torch(tmp_path, command):
     name, *args = command.split()
-    script = (f"import sys; sys.argv = {[name, *args]!r}; from trainer import cli; cli.{name}(); "
+    function = name.replace("-", "_")
+    script = (f"import sys; sys.argv = {[name, *args]!r}; from trainer import cli; "
+              f"cli.{function}(); "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     result = run_cli(PYTHON, "-c", script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -28,7 +28,7 @@ def test_groups_have_the_documented_options():
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["constant", "cosine", "step"]
     assert options("device") == ["auto", "cpu", "cuda", "mps"]
-    assert options("logger") == ["none", "tensorboard"]
+    assert options("logger") == ["mlflow", "none", "tensorboard", "wandb"]
 
 
 @pytest.mark.parametrize("group", GROUPS)

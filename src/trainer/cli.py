@@ -188,9 +188,10 @@ def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
     cfg.resume = _resume_source(cfg.resume, run_dir)
     if cfg.resume:
         cfg = resumed_config(cfg, list(hydra_cfg.overrides.task), rerun)
-    if hydra_cfg.mode == RunMode.MULTIRUN and "name" in cfg.logger and not cfg.logger.name:
-        # TensorBoard names a run by its folder: name each sweep job by its overrides.
-        cfg.logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # name each sweep job by its overrides, everywhere
+        for logger in cfg.logger.values():
+            if isinstance(logger, DictConfig) and "name" in logger and not logger.name:
+                logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
     validate(cfg)  # once, here, before any process, child or worker starts
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         return _launch_group(cfg, run_dir)
@@ -360,6 +361,8 @@ def evaluate() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         _print_help("evaluate", sys.argv[1:])
         return
+    # data.KEY=VALUE changes a key of the run's data config, which evaluate.yaml cannot list.
+    sys.argv = ["+" + arg if arg.startswith("data.") else arg for arg in sys.argv]
     _evaluate_main()
 
 

@@ -8,6 +8,7 @@ the single source of truth for the keys it accepts, so no dataclass repeats it.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,18 +152,28 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"data.val_fraction={held_out[0]} + data.test_fraction={held_out[1]} "
                         "leave no training data: together they must be below 1")
     for group in SUPPLIED_BY_CODE:
-        check_target_node(cfg[group], group)
+        if group == "logger" and "_target_" not in cfg.logger:  # one node per chosen logger
+            for name, node in cfg.logger.items():
+                check_target_node(node, "logger", f"logger.{name}")
+        else:
+            check_target_node(cfg[group], group)
 
 
-def check_target_node(node: DictConfig, group: str) -> None:
-    """Check a `_target_` node's keys and value types against its target's signature."""
+def check_target_node(node: DictConfig, group: str, where: str | None = None) -> None:
+    """Check a `_target_` node's keys and value types against its target's signature, and that
+    the optional package it `requires` is installed. `where`: the node's key, if not `group`."""
+    where = where or group
     target_name = node.get("_target_")
     if not target_name:
-        raise UserError(f"{group} config has no _target_: name the class or function it builds")
+        raise UserError(f"{where} config has no _target_: name the class or function it builds")
     try:
         target = get_object(target_name)
     except Exception as error:  # Hydra wraps import failures of every kind
-        raise UserError(f"{group}._target_={target_name!r} cannot be imported: {error}") from None
+        raise UserError(f"{where}._target_={target_name!r} cannot be imported: {error}") from None
+    extra = getattr(target, "requires", None)
+    if extra and importlib.util.find_spec(extra) is None:
+        raise UserError(f"{where} needs the {extra} package, an optional extra: pip install "
+                        f"'trainer[{extra}]'")
     params = inspect.signature(target).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [n for n in params if n not in SUPPLIED_BY_CODE[group] and n not in ("self", "args")]
@@ -172,13 +183,13 @@ def check_target_node(node: DictConfig, group: str) -> None:
             continue
         if key in SUPPLIED_BY_CODE[group] or (key not in params and not takes_any):
             raise UserError(
-                f"unknown key {group}.{key} for {target_name}; accepted: {', '.join(accepted)}"
+                f"unknown key {where}.{key} for {target_name}; accepted: {', '.join(accepted)}"
             )
         if OmegaConf.is_missing(node, key):
-            raise UserError(f"{group}.{key} is required here and has no value: set "
-                            f"{group}.{key}=...")
+            raise UserError(f"{where}.{key} is required here and has no value: set "
+                            f"{where}.{key}=...")
         if key in params:
-            _check_type(f"{group}.{key}", node[key], params[key])
+            _check_type(f"{where}.{key}", node[key], params[key])
 
 
 def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:

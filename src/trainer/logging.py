@@ -37,12 +37,11 @@ class TensorBoardLogger:
 
     def images(self, tag: str, images: Tensor, step: int, per_row: int = 8) -> None:
         """Images in [-1, 1], shown as one grid."""
-        from torchvision.utils import make_grid, save_image
+        from torchvision.utils import save_image
 
-        grid = make_grid(images.detach().float().cpu(), nrow=per_row, normalize=True,
-                         value_range=(-1, 1), padding=1)
-        self.writer.add_image(tag, grid, step)
-        save_image(grid, self._sample_path(tag, ".png"))
+        pixels = grid(images, per_row)
+        self.writer.add_image(tag, pixels, step)
+        save_image(pixels, self._sample_path(tag, ".png"))
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, "```\n" + text + "\n```", step)  # markdown: keep line breaks
@@ -67,18 +66,52 @@ class TensorBoardLogger:
         return path
 
 
-class NullLogger:
-    """logger=none, and every rank but 0: accepts everything, writes nothing."""
+class Loggers:
+    """Every logger the config names (`logger=[tensorboard,mlflow]`), each given every call;
+    none at all for `logger=none` and on every rank but 0."""
 
-    def __init__(self, run_dir: str | Path | None = None, purge_step: int | None = None) -> None:
-        pass
+    def __init__(self, loggers: list[Any] | None = None) -> None:
+        self.loggers = loggers or []
 
-    def scalars(self, metrics: dict[str, float], step: int) -> None: ...
-    def images(self, tag: str, images: Tensor, step: int, per_row: int = 8) -> None: ...
-    def text(self, tag: str, text: str, step: int) -> None: ...
-    def config(self, yaml: str) -> None: ...
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
-    def close(self) -> None: ...
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.scalars(metrics, step)
+
+    def images(self, tag: str, images: Tensor, step: int, per_row: int = 8) -> None:
+        for logger in self.loggers:
+            logger.images(tag, images, step, per_row)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        for logger in self.loggers:
+            logger.text(tag, text, step)
+
+    def config(self, yaml: str) -> None:
+        for logger in self.loggers:
+            logger.config(yaml)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.hparams(hparams, metrics)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, purge_step: int) -> Loggers:
+    """The loggers of the `logger` group: one `_target_` node per chosen option."""
+    from trainer.config import instantiate
+
+    nodes = [cfg] if "_target_" in cfg else list(cfg.values())  # a run of an older trainer
+    return Loggers([instantiate(node, run_dir=run_dir, purge_step=purge_step) for node in nodes])
+
+
+def grid(images: Tensor, per_row: int) -> Tensor:
+    """Images in [-1, 1] as one (3, H, W) picture in [0, 1], a pixel of padding between."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.detach().float().cpu(), nrow=per_row, normalize=True,
+                     value_range=(-1, 1), padding=1)
 
 
 class Throughput:

@@ -26,11 +26,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
 from trainer.config import call, instantiate, validate
-from trainer.data import Batch, DataModule, train_batches
+from trainer.data import Batch, DataModule, spec_record, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
-from trainer.logging import NullLogger, Throughput, hparams_of
+from trainer.logging import Loggers, Throughput, build_loggers, hparams_of
 from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
@@ -61,14 +61,15 @@ class Setup:
     model: nn.Module
 
 
-def build(cfg: DictConfig) -> Setup:
+def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
+    """Everything for cfg; `data`, when given, instead of the data cfg.data describes."""
     validate(cfg)
     rt = runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if not rt.is_main:
         rt.barrier()  # rank 0 downloads or unpacks the data first, alone
-    data = instantiate(cfg.data, seed=cfg.seed)
+    data = data or instantiate(cfg.data, seed=cfg.seed)
     if rt.is_main:
         rt.barrier()
     task = task_for(cfg.model, data.spec)
@@ -91,7 +92,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     progress: Progress = field(default_factory=Progress)
-    logger: Any = field(default_factory=NullLogger)
+    logger: Any = field(default_factory=Loggers)
     saved_at: float = field(default_factory=time.monotonic)  # when last.pt was last written
 
     @property
@@ -120,8 +121,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     # purge_step drops what a killed run logged after its last checkpoint (step T's own scalars
     # were logged before last.pt was written, so they stay).
     if s.rt.is_main:
-        run.logger = instantiate(cfg.logger, run_dir=run.run_dir,
-                                 purge_step=run.progress.step + 1)
+        run.logger = build_loggers(cfg.logger, run.run_dir, purge_step=run.progress.step + 1)
     if run.progress.step == 0:
         run.logger.config(OmegaConf.to_yaml(cfg))
     with StopRequest() as stop:
@@ -323,6 +323,7 @@ def save(run: Run, name: str, metrics: dict[str, float]) -> None:
             "progress": asdict(run.progress),
             "rng": rng,
             "config": OmegaConf.to_container(run.s.cfg, resolve=True),
+            "data": spec_record(run.s.data.spec),
             "metrics": metrics,
         })
         if name == "last":

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.config import validate
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -19,19 +20,53 @@ log = logging.getLogger("trainer")
 
 def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     """The test metrics of a run's checkpoint, printed as JSON (the last line of stdout), and
-    whether they match its metrics.json (in the log)."""
+    whether they match its metrics.json (in the log). With cfg.data (keys such as path), the
+    test split of that other data, prepared as the run's was."""
     from trainer.evaluation import test_checkpoint
     from trainer.loop import build
 
     path, state, train_cfg = saved_run(cfg)
-    metrics, _ = test_checkpoint(build(train_cfg), path, state)
+    data = None
+    if cfg.data:
+        train_cfg, data = _other_data(cfg, state, train_cfg)
+    metrics, _ = test_checkpoint(build(train_cfg, data), path, state)
     saved = Path(cfg.run_dir) / "metrics.json"
-    if saved.is_file():
+    if saved.is_file() and data is None:
         recorded = json.loads(saved.read_text())
         same = all(recorded.get(k) == v for k, v in metrics.items())
         log.info("test metrics %s metrics.json", "match" if same else "differ from")
     print(json.dumps(metrics))  # last line of stdout, for scripts
     return metrics
+
+
+def _other_data(cfg: DictConfig, state: dict[str, Any], train_cfg: DictConfig
+                ) -> tuple[DictConfig, Any]:
+    """The run's config with cfg.data's keys changed in its data, and that data, checked to mean
+    what the run's did: the same classes and image shape, or text in the run's vocabulary (a
+    tokenizer trained on the run's text encodes the other text too)."""
+    from trainer.config import instantiate
+    from trainer.data import spec_from_record
+    from trainer.data.matching import matched
+
+    if not isinstance(cfg.data, DictConfig):
+        raise UserError(f"data={cfg.data}: evaluate keeps the run's data source and changes its "
+                        "keys, such as data.path=OTHER")
+    unknown = [key for key in cfg.data if key not in train_cfg.data]
+    if unknown:
+        raise UserError(f"data.{unknown[0]} is not a key of this run's data "
+                        f"({train_cfg.data._target_.rsplit('.', 1)[-1]}): its keys are "
+                        f"{', '.join(k for k in train_cfg.data if not k.startswith('_'))}")
+    run_spec = spec_from_record(state["data"]) if "data" in state else \
+        instantiate(train_cfg.data, seed=train_cfg.seed).spec  # a checkpoint of an older trainer
+    train_cfg.data = OmegaConf.merge(train_cfg.data, cfg.data)
+    tokenizer = run_spec.tokenizer
+    if tokenizer is not None and tokenizer.name != "char":
+        own = Path(cfg.run_dir) / "tokenizer.json"
+        own.write_text(tokenizer.tokenizer.to_str(), encoding="utf-8")
+        train_cfg.data.tokenizer = str(own)
+    validate(train_cfg)
+    other = instantiate(train_cfg.data, seed=train_cfg.seed)
+    return train_cfg, matched(other, run_spec, OmegaConf.to_container(cfg.data))
 
 
 def generate_job(cfg: DictConfig) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +34,26 @@ class DataSpec:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size if self.tokenizer else 0
+
+
+def spec_record(spec: DataSpec) -> dict[str, Any]:
+    """What a model's inputs and outputs mean (shape, class names, tokenizer), as plain values
+    for a checkpoint: `evaluate` on other data checks that they still mean the same."""
+    from trainer.data.tokenize import tokenizer_record
+
+    record = {"kind": spec.kind, "name": spec.name, "in_shape": list(spec.in_shape),
+              "num_classes": spec.num_classes, "classes": list(spec.classes),
+              "block_size": spec.block_size}
+    return {**record, "tokenizer": tokenizer_record(spec.tokenizer) if spec.tokenizer else None}
+
+
+def spec_from_record(record: dict[str, Any]) -> DataSpec:
+    from trainer.data.tokenize import tokenizer_from_record
+
+    tokenizer = tokenizer_from_record(record["tokenizer"]) if record["tokenizer"] else None
+    return DataSpec(kind=record["kind"], name=record["name"], in_shape=tuple(record["in_shape"]),
+                    num_classes=record["num_classes"], classes=tuple(record["classes"]),
+                    tokenizer=tokenizer, block_size=record["block_size"])
 
 
 class Tokenizer(Protocol):

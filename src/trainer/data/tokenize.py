@@ -92,6 +92,20 @@ class HFTokenizer:
         return self._bytes
 
 
+def tokenizer_record(tokenizer: CharTokenizer | HFTokenizer) -> dict[str, str]:
+    """A tokenizer as plain strings, for a checkpoint: the run's ids stay readable without the
+    file it was built from."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"name": "char", "chars": tokenizer.chars}
+    return {"name": tokenizer.name, "json": tokenizer.tokenizer.to_str()}
+
+
+def tokenizer_from_record(record: dict[str, str]) -> CharTokenizer | HFTokenizer:
+    if record["name"] == "char":
+        return CharTokenizer(record["chars"])
+    return HFTokenizer(tokenizers.Tokenizer.from_str(record["json"]), record["name"])
+
+
 def _token_size(tokenizer: tokenizers.Tokenizer, i: int, byte_level: bool) -> int:
     token = tokenizer.id_to_token(i)
     if token is None:

@@ -1,0 +1,96 @@
+"""`evaluate run_dir=RUN data.KEY=VALUE`: a checkpoint scored on other data, prepared as the
+run's was, and refused where the other data means something else to the model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import assert_clean_error, compose_train, run_cli
+from trainer.errors import UserError
+
+
+def evaluate_on(run, **data):
+    from trainer.use import evaluate_job
+
+    return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
+                                          "device": None, "data": data}))
+
+
+def recorded(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_evaluate_on_another_image_folder(tmp_path, image_folder):
+    from PIL import Image
+
+    from trainer.loop import train
+
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "data=image_folder",
+                        f"data.path={image_folder}", "data.image_size=8"), run)
+    copy = shutil.copytree(image_folder, tmp_path / "copy")
+    result = run_cli("evaluate", f"run_dir={run}", f"data.path={copy}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == recorded(run)
+
+    other = tmp_path / "other"  # the same classes, other pictures: other figures
+    for label, value in (("bright", 230), ("dark", 10)):
+        (other / label).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (12, 10), (value, value - i, value)).save(other / label / f"{i}.png")
+    scored = evaluate_on(run, path=str(other))
+    assert set(scored) == set(recorded(run)) and scored != recorded(run)
+
+    shutil.rmtree(other / "dark")
+    (other / "grey").mkdir()
+    Image.new("RGB", (12, 10), (128, 128, 128)).save(other / "grey" / "0.png")
+    with pytest.raises(UserError, match="does not have the run's classes \\(it lacks dark; it "
+                                        "has grey besides\\): the model was trained on bright, "
+                                        "dark"):
+        evaluate_on(run, path=str(other))
+
+
+@pytest.mark.parametrize("tokenizer", ["char", pytest.param("bpe", marks=pytest.mark.slow)])
+def test_evaluate_on_another_text_in_the_run_vocabulary(tmp_path, text_file, tokenizer):
+    from trainer.loop import train
+
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "model=transformer", "data=text",
+                        f"data.path={text_file}", f"data.tokenizer={tokenizer}",
+                        "data.vocab_size=270"), run)
+    copy = tmp_path / "copy.txt"
+    shutil.copy(text_file, copy)
+    assert evaluate_on(run, path=str(copy)) == pytest.approx(recorded(run), rel=1e-6)
+
+    fewer = tmp_path / "fewer.txt"  # fewer characters: other ids, renumbered to the run's
+    fewer.write_text("the sea is green. the sky is blue.\n" * 60)
+    scored = evaluate_on(run, path=str(fewer))
+    assert scored["test/loss"] < 10 and scored != recorded(run)
+
+    if tokenizer == "char":
+        unseen = tmp_path / "unseen.txt"
+        unseen.write_text("the sea is green. ZEBRA!\n" * 60)
+        with pytest.raises(UserError, match="has characters the run's vocabulary lacks: "
+                                               "'!', 'E', 'Z'; the model has no id for them"):
+            evaluate_on(run, path=str(unseen))
+
+
+@pytest.mark.slow
+def test_evaluate_data_errors(tmp_path, finished_run):
+    assert_clean_error(run_cli("evaluate", f"run_dir={finished_run}", "data.path=elsewhere",
+                               cwd=tmp_path),
+                       "data.path is not a key of this run's data (digits): its keys are")
+    with pytest.raises(UserError, match="data=mnist: evaluate keeps the run's data source"):
+        evaluate_on_source(finished_run, "mnist")
+
+
+def evaluate_on_source(run, source):
+    from trainer.use import evaluate_job
+
+    return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
+                                          "device": None, "data": source}))

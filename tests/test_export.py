@@ -1,0 +1,132 @@
+"""`export-model`: a run's model as a torch.export program, an ONNX graph and safetensors
+weights, each giving the PyTorch model's outputs for a batch size it was not traced with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import MODELS, assert_clean_error, compose_train, run_cli
+from trainer.errors import UserError
+
+TEXT_MODELS = ("rnn", "transformer")
+
+
+def export_cfg(run, fmt: str = "torch_export", **keys):
+    return OmegaConf.create({"run_dir": str(run), "checkpoint": "best", "format": fmt,
+                             "outputs": None, "count": 16, "device": "cpu", **keys})
+
+
+def restored_model(run):
+    """The run's PyTorch model in eval mode, and 5 inputs of the kind it takes."""
+    from trainer.use import restored_run
+
+    s = restored_run(export_cfg(run))
+    model = s.model.eval()
+    if s.cfg.model._target_.endswith("GAN"):
+        return model, torch.randn(5, model.latent_dim)
+    return model, s.data.test.batch(torch.arange(3, 8))[0]
+
+
+def onnx_outputs(path, inputs):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0])
+
+
+def safetensors_model(folder):
+    from hydra.utils import instantiate
+    from safetensors.torch import load_model
+
+    model = instantiate(OmegaConf.load(folder / "model.yaml"))
+    load_model(model, str(folder / "model.safetensors"))
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_export_model_onnx_matches_pytorch_on_another_batch_size(tmp_path, finished_run):
+    result = run_cli("export-model", f"run_dir={finished_run}", "format=onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reported["max_abs_diff"] <= 1e-4 and reported["dynamic"] == ["batch"]
+    folder = finished_run / "export"
+    model, inputs = restored_model(finished_run)
+    with torch.no_grad():
+        assert torch.allclose(onnx_outputs(folder / "model.onnx", inputs), model(inputs),
+                              atol=1e-4)
+    described = json.loads((folder / "export.json").read_text())
+    assert described["classes"] == [str(d) for d in range(10)]
+    assert described["input"]["shape"] == ["batch", 1, 8, 8]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished debug=fast run per architecture (language models on a small text)."""
+    from trainer.loop import train
+
+    root = tmp_path_factory.mktemp("export")
+    text = root / "corpus.txt"
+    text.write_text("the sky is blue and the sea is green.\n" * 400)
+    runs = {}
+    for model in MODELS:
+        data = ["data=text", f"data.path={text}"] if model in TEXT_MODELS else []
+        runs[model] = root / model
+        train(compose_train("debug=fast", "logger=none", f"model={model}", *data), runs[model])
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_exports_to_every_format(trained, model):
+    from trainer.use import export_job
+
+    run = trained[model]
+    for fmt in ("torch_export", "onnx", "safetensors"):
+        assert export_job(export_cfg(run, fmt))["max_abs_diff"] <= 1e-4
+    folder = run / "export"
+    reference, inputs = restored_model(run)
+    with torch.no_grad():
+        expected = reference(inputs)
+        assert torch.allclose(torch.export.load(folder / "model.pt2").module()(inputs), expected,
+                              atol=1e-4)
+        assert torch.allclose(onnx_outputs(folder / "model.onnx", inputs), expected, atol=1e-4)
+        assert torch.equal(safetensors_model(folder)(inputs), expected)
+    described = json.loads((folder / "export.json").read_text())
+    assert set(described["formats"]) == {"torch_export", "onnx", "safetensors"}
+    if model == "transformer":  # any length up to the context, in ONNX too
+        assert described["formats"]["onnx"]["dynamic"] == ["batch", "tokens"]
+        with torch.no_grad():
+            assert torch.allclose(onnx_outputs(folder / "model.onnx", inputs[:, :7]),
+                                  reference(inputs[:, :7]), atol=1e-4)
+    if model in TEXT_MODELS:
+        assert described["tokenizer"]["kind"] == "char"
+
+
+@pytest.mark.slow
+def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
+    from trainer.loop import train
+    from trainer.use import export_job
+
+    assert_clean_error(run_cli("export-model", f"run_dir={finished_run}", "format=tflite",
+                               cwd=tmp_path),
+                       "format='tflite' is not an export format: use one of torch_export, onnx")
+    with pytest.raises(UserError, match="count=2 is out of range: it must be >= 3"):
+        export_job(export_cfg(finished_run, count=2))
+    real_find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name))
+    with pytest.raises(UserError, match=r"format=onnx needs onnxruntime: pip install "
+                                        r"'trainer\[export\]'"):
+        export_job(export_cfg(finished_run, "onnx"))
+    monkeypatch.undo()
+    run = tmp_path / "unexportable"
+    train(compose_train("debug=fast", "logger=none",
+                        "model._target_=failing_model.UnexportableCNN"), run)
+    with pytest.raises(UserError, match="model=unexportablecnn cannot be exported as "
+                                        "torch_export: "):
+        export_job(export_cfg(run))
+    assert not (run / "export" / "model.pt2").exists()
