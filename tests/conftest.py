@@ -18,6 +18,12 @@ from omegaconf import DictConfig
 
 from trainer.cli import CONFIG_DIR  # also registers the schemas and resolvers
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test processes share the cores (pytest -n): one thread each, their child processes too,
+    # or OpenMP threads spinning for cores the other worker holds slow both many times over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODELS = ["cnn", "rnn", "transformer", "gan", "autoencoder"]
 
