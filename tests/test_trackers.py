@@ -173,3 +173,15 @@ def test_a_sweep_names_its_jobs_in_every_logger_on_an_mlflow_server(tmp_path, ml
         assert "metrics.json" in set(artifacts(client, found.info.run_id))
         assert wandb_records(job)[3] == name
         assert [p.name for p in (job / "tensorboard").iterdir()] == [name]
+
+
+def test_wandb_runs_offline_without_an_api_key(tmp_path, monkeypatch):
+    from trainer.trackers import _wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert _wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert _wandb_mode() == "disabled"
