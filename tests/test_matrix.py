@@ -65,3 +65,20 @@ def test_image_only_models_refuse_text(tmp_path, text_file, model):
     with pytest.raises(UserError, match=f"model={model} cannot train on text data .*accepts image"):
         fit(tmp_path, f"model={model}", "data=text", f"data.path={text_file}")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options", [["model.cell=gru"], ["model.bidirectional=true"],
+                                     ["model.cell=gru", "model.bidirectional=true"]])
+def test_rnn_cells_and_directions_classify_images(tmp_path, options):
+    assert set(fit(tmp_path, "model=rnn", "model.depth=2", "model.dropout=0.2", *options)) == \
+        EXPECTED_METRICS["rnn"]
+
+
+def test_a_gru_models_text_and_a_bidirectional_one_is_refused(tmp_path, text_file):
+    text = ["model=rnn", "data=text", f"data.path={text_file}", "data.block_size=16"]
+    assert "test/bpb" in fit(tmp_path, *text, "model.cell=gru")
+    with pytest.raises(UserError, match="model.bidirectional=true reads each text backwards"):
+        fit(tmp_path, *text, "model.bidirectional=true")
+    with pytest.raises(UserError, match="model.cell='rnn' is not accepted: choose one of lstm, "
+                                        "gru"):
+        fit(tmp_path, *text, "model.cell=rnn")

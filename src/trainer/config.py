@@ -122,8 +122,9 @@ RANGES: list[tuple[str, Any, str]] = [
 ]
 CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
            "device.strategy": STRATEGIES}
-# Data keys that only some sources have: checked where present.
-DATA_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false")}
+# Keys that only some options have: checked where present.
+OPTIONAL_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
+                    "model.cell": ("lstm", "gru")}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -133,7 +134,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if str(value) not in accepted:
             raise UserError(f"{key}={value!r} is not accepted: choose one of {', '.join(accepted)}")
-    for key, accepted in DATA_CHOICES.items():
+    for key, accepted in OPTIONAL_CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         shown = str(value).lower() if isinstance(value, bool) else str(value)
         if value is not None and shown not in accepted:
