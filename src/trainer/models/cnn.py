@@ -6,11 +6,30 @@ from trainer.errors import UserError
 
 
 class CNN(nn.Module):
-    """Conv blocks that each double the channels and halve the image, then a linear classifier."""
+    """Conv blocks that each double the channels and halve the image, then a small classifier;
+    or, with `backbone`, a torchvision classification network (pretrained with `weights`) whose
+    classifier is replaced by one for the data's classes.
+
+    A backbone sees images as it was trained to (models/pretrained.py): three channels, its own
+    mean and std, and with `input_size` auto its own size (an int: that size; null: the data's).
+    `freeze_backbone` trains the new classifier alone, the backbone's batch norm statistics
+    frozen too.
+    """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 32,
-                 depth: int = 2, dropout: float = 0.1, batch_norm: bool = False) -> None:
+                 depth: int = 2, dropout: float = 0.1, batch_norm: bool = False,
+                 backbone: str | None = None, weights: str | None = None,
+                 freeze_backbone: bool = False, input_size: int | str | None = "auto") -> None:
         super().__init__()
+        self.frozen = freeze_backbone and bool(backbone)
+        if backbone:
+            from trainer.models.pretrained import backbone as pretrained
+
+            self.features, width_out = pretrained(backbone, weights, input_size, in_shape[-1])
+            self.features.requires_grad_(not self.frozen)
+            self.train()
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width_out, num_classes))
+            return
         channels, height, width_px = in_shape
         if min(height, width_px) >> depth == 0:
             raise UserError(f"model.depth={depth}: {depth} conv blocks would halve a {height}x"
@@ -30,3 +49,9 @@ class CNN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))
+
+    def train(self, mode: bool = True) -> CNN:
+        super().train(mode)
+        if self.frozen:
+            self.features.eval()  # a frozen backbone keeps its batch norm statistics
+        return self
