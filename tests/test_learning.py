@@ -55,3 +55,15 @@ def test_cnn_on_real_mnist(tmp_path):
                   "trainer.max_steps=150", "trainer.val_every=150", "trainer.eval_batches=5")
     assert metrics["test/acc"] >= 0.90
     assert SHARED_DATA.is_dir()
+
+
+@pytest.mark.parametrize("kind", [["model.conv=true", "model.denoise=0.2"],
+                                  ["model.conv=true", "model.variational=true"]])
+def test_convolutional_denoising_and_variational_autoencoders_learn(tmp_path, kind):
+    test = digits().test
+    variance = test.batch(torch.arange(len(test)))[0].var().item()
+    metrics = fit(tmp_path, "model=autoencoder", "model.width=32", *kind)
+    # measured: 0.055 (denoising) and 0.15 (VAE) of the variance
+    assert metrics["test/mse"] < (0.25 if "model.variational=true" in kind else 0.1) * variance
+    if "model.variational=true" in kind:  # the code carries information: KL above zero
+        assert metrics["test/kl"] > 1.0

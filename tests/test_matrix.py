@@ -82,3 +82,20 @@ def test_a_gru_models_text_and_a_bidirectional_one_is_refused(tmp_path, text_fil
     with pytest.raises(UserError, match="model.cell='rnn' is not accepted: choose one of lstm, "
                                         "gru"):
         fit(tmp_path, *text, "model.cell=rnn")
+
+
+@pytest.mark.parametrize("options", [["model.conv=true"], ["model.variational=true"],
+                                     ["model.conv=true", "model.variational=true",
+                                      "model.denoise=0.3"]])
+def test_autoencoder_kinds_reconstruct_images(tmp_path, options):
+    metrics = fit(tmp_path, "model=autoencoder", *options)
+    variational = "model.variational=true" in options
+    assert set(metrics) == EXPECTED_METRICS["autoencoder"] | ({"test/kl"} if variational else set())
+    if variational:  # the negative ELBO per pixel
+        assert metrics["test/loss"] == pytest.approx(metrics["test/mse"] + metrics["test/kl"] / 64)
+
+
+def test_a_convolutional_autoencoder_too_deep_for_the_image_is_refused(tmp_path):
+    with pytest.raises(UserError, match="model.depth=4: a convolutional autoencoder halves the "
+                                        "image 4 times, which 8x8 does not allow"):
+        fit(tmp_path, "model=autoencoder", "model.conv=true", "model.depth=4")

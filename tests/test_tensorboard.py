@@ -87,3 +87,12 @@ def test_a_live_tensorboard_server_lists_the_run_and_its_tags(gan_run):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_vae_shows_samples_from_its_prior_and_reports_kl(tmp_path):
+    train(compose_train("debug=fast", "model=autoencoder", "model.variational=true",
+                        "model.conv=true"), tmp_path)
+    tags = events(tmp_path).Tags()
+    assert {"samples/prior", "samples/reconstruction"} <= set(tags["images"])
+    assert {"train/kl", "val/kl", "val/mse", "test/kl"} <= set(tags["scalars"])
+    assert (tmp_path / "samples" / "prior.png").is_file()
