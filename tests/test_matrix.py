@@ -99,3 +99,23 @@ def test_a_convolutional_autoencoder_too_deep_for_the_image_is_refused(tmp_path)
     with pytest.raises(UserError, match="model.depth=4: a convolutional autoencoder halves the "
                                         "image 4 times, which 8x8 does not allow"):
         fit(tmp_path, "model=autoencoder", "model.conv=true", "model.depth=4")
+
+
+@pytest.mark.parametrize("options", [["model.conv=true"],
+                                     ["model.conv=true", "model.spectral_norm=true"]])
+def test_dcgan_generates_images(tmp_path, image_folder, options):
+    metrics = fit(tmp_path, "model=gan", *options, "data=image_folder", f"data.path={image_folder}",
+                  "data.image_size=16", "data.batch_size=8")
+    assert set(metrics) == EXPECTED_METRICS["gan"]
+    from trainer.checkpoint import load
+
+    weights = load(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
+    assert weights["generator.4.weight"].dim() == 4  # transposed convolutions: a DCGAN
+    spectral = any("parametrizations" in key for key in weights)
+    assert spectral == ("model.spectral_norm=true" in options)
+
+
+def test_a_dcgan_needs_an_image_it_can_halve(tmp_path, image_folder):
+    with pytest.raises(UserError, match="model.conv=true: a 6x6 image cannot be halved"):
+        fit(tmp_path, "model=gan", "model.conv=true", "data=image_folder",
+            f"data.path={image_folder}", "data.image_size=6", "data.batch_size=8")
