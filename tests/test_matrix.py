@@ -119,3 +119,14 @@ def test_a_dcgan_needs_an_image_it_can_halve(tmp_path, image_folder):
     with pytest.raises(UserError, match="model.conv=true: a 6x6 image cannot be halved"):
         fit(tmp_path, "model=gan", "model.conv=true", "data=image_folder",
             f"data.path={image_folder}", "data.image_size=6", "data.batch_size=8")
+
+
+def test_a_vision_transformer_with_a_class_token(tmp_path, text_file):
+    assert set(fit(tmp_path, "model=transformer", "model.pool=cls")) == \
+        EXPECTED_METRICS["transformer"]
+    with pytest.raises(UserError, match="model.pool=cls is for images"):
+        fit(tmp_path, "model=transformer", "model.pool=cls", "data=text",
+            f"data.path={text_file}")
+    with pytest.raises(UserError, match="model.pool='max' is not accepted: choose one of mean, "
+                                        "cls"):
+        fit(tmp_path, "model=transformer", "model.pool=max")

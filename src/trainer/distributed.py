@@ -84,7 +84,8 @@ class Runtime:
             return
         from torch.distributed.fsdp import fully_shard
 
-        blocks = list(getattr(getattr(model, "blocks", None), "layers", []))
+        blocks = getattr(model, "blocks", None)
+        blocks = list(blocks) if isinstance(blocks, nn.ModuleList) else []
         for unit in blocks or [c for c in model.children() if any(True for _ in c.parameters())]:
             fully_shard(unit)
         fully_shard(model)

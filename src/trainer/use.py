@@ -29,14 +29,26 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     data = None
     if cfg.data:
         train_cfg, data = _other_data(cfg, state, train_cfg)
-    metrics, _ = test_checkpoint(build(train_cfg, data), path, state)
+    s = build(train_cfg, data)
+    metrics, _ = test_checkpoint(s, path, state)
     saved = Path(cfg.run_dir) / "metrics.json"
     if saved.is_file() and data is None:
         recorded = json.loads(saved.read_text())
         same = all(recorded.get(k) == v for k, v in metrics.items())
         log.info("test metrics %s metrics.json", "match" if same else "differ from")
+    if cfg.get("fid_features"):
+        metrics["test/fid"] = _fid(s, cfg.fid_features)
     print(json.dumps(metrics))  # last line of stdout, for scripts
     return metrics
+
+
+def _fid(s: Any, features_run: str) -> float:
+    from trainer.fid import check_run, gan_fid
+    from trainer.tasks.adversarial import Adversarial
+
+    if not isinstance(s.task, Adversarial):
+        raise UserError("fid_features scores a GAN's samples: this run is not a GAN")
+    return gan_fid(s, check_run(features_run))
 
 
 def _other_data(cfg: DictConfig, state: dict[str, Any], train_cfg: DictConfig

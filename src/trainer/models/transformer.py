@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.errors import UserError
+
 
 def auto_patch_size(height: int, width: int, max_tokens: int = 16) -> int:
     """The smallest patch that divides the image into at most `max_tokens` patches."""
@@ -15,20 +17,29 @@ def auto_patch_size(height: int, width: int, max_tokens: int = 16) -> int:
 
 
 class Transformer(nn.Module):
-    """A pre-norm transformer encoder in one of two roles, chosen by the data it is sized for.
+    """A pre-norm transformer (GPT-2's block) in one of two roles, chosen by the data it is sized
+    for.
 
     - images (`in_shape`, `num_classes`): non-overlapping patches are the tokens (as in ViT);
-      the mean of the final tokens is classified.
-    - text (`vocab_size`, `block_size`): a causal character model (as in nanoGPT) that predicts
-      the next character at every position.
+      the mean of the final tokens is classified, or with `pool=cls` a learned class token
+      prepended to them (as in ViT's paper).
+    - text (`vocab_size`, `block_size`): a causal model (as nanoGPT's) that predicts the next
+      token at every position; `tie_embeddings` shares the input embedding with the output layer.
+
+    Attention is PyTorch's scaled_dot_product_attention (its fused kernels where the device has
+    them). Positions are a learned table, or with `rotary` rotations of the queries and keys
+    (RoPE). Weights start as GPT-2's: normal(0, 0.02), the projections into the residual stream
+    scaled by 1/sqrt(2 * depth), biases zero.
     """
 
     def __init__(self, in_shape: tuple[int, int, int] | None = None, num_classes: int = 0,
                  vocab_size: int = 0, block_size: int = 0, width: int = 64, depth: int = 2,
-                 heads: int = 4, dropout: float = 0.0, patch_size: int | None = None) -> None:
+                 heads: int = 4, dropout: float = 0.0, patch_size: int | None = None,
+                 pool: str = "mean", tie_embeddings: bool = False, rotary: bool = False) -> None:
         super().__init__()
-        if width % heads:
-            raise ValueError(f"model.width={width} must be a multiple of model.heads={heads}")
+        if width % heads or (rotary and (width // heads) % 2):
+            even = " (and give each head an even width, for rotary)" if rotary else ""
+            raise UserError(f"model.width={width} must be a multiple of model.heads={heads}{even}")
         self.causal = bool(vocab_size)
         if self.causal:
             self.embed: nn.Module = nn.Embedding(vocab_size, width)
@@ -44,25 +55,41 @@ class Transformer(nn.Module):
         else:
             raise ValueError("Transformer needs in_shape and num_classes (images) or vocab_size "
                              "and block_size (text)")
-        self.position = nn.Parameter(torch.zeros(1, tokens, width))
-        nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width),
-                                            enable_nested_tensor=False)
+        if self.causal and pool == "cls":
+            raise UserError("model.pool=cls is for images: a language model predicts at every "
+                            "position; leave model.pool=mean")
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        tokens += self.class_token is not None
+        self.position = None if rotary else nn.Parameter(torch.zeros(1, tokens, width))
+        self.rotary = Rotary(width // heads, tokens) if rotary else None
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(width, outputs)
+        tied = tie_embeddings and self.causal
+        self.head = nn.Linear(width, outputs, bias=not tied)
         self.width, self.depth, self.context = width, depth, tokens
+        self.apply(lambda module: _gpt2_init(module, depth))
+        if tied:
+            self.head.weight = self.embed.weight
+        self._register_load_state_dict_pre_hook(_renamed_from_encoder_layers)
 
     def forward(self, inputs: Tensor) -> Tensor:
+        x = self._embedded(inputs, start=0)
+        for block in self.blocks:
+            x, _ = block(x, self.causal, self.rotary)
+        x = self.norm(x)
+        if self.causal:
+            return self.head(x)
+        return self.head(x[:, 0] if self.class_token is not None else x.mean(dim=1))
+
+    def _embedded(self, inputs: Tensor, start: int) -> Tensor:
         x = self.embed(inputs)  # text: (B, T, width); images: (B, width, tokens)
         x = x if self.causal else x.transpose(1, 2)
-        length = x.shape[1]
-        x = self.drop(x + self.position[:, :length])
-        mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device) \
-            if self.causal else None
-        x = self.blocks(x, mask=mask, is_causal=self.causal)
-        return self.head(x) if self.causal else self.head(x.mean(dim=1))
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1)
+        if self.position is not None:
+            x = x + self.position[:, start:start + x.shape[1]]
+        return self.drop(x)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor, cache: list[tuple[Tensor, Tensor]] | None = None
@@ -72,26 +99,99 @@ class Transformer(nn.Module):
         each new token costs one position. Without a cache `tokens` start at position 0; with one
         they are the single next token. The same numbers as `forward`, from the same weights."""
         start = cache[0][0].shape[2] if cache else 0
-        batch, length = tokens.shape
-        x = self.embed(tokens) + self.position[:, start:start + length]
+        x = self._embedded(tokens, start)
         new_cache = []
-        for i, layer in enumerate(self.blocks.layers):
-            attention = layer.self_attn
-            q, k, v = F.linear(layer.norm1(x), attention.in_proj_weight,
-                               attention.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.view(batch, length, attention.num_heads, -1).transpose(1, 2)
-                       for t in (q, k, v))
-            if cache:
-                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=not cache)
-            x = x + attention.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-            new_cache.append((k, v))
-        return self.head(self.blocks.norm(x[:, -1])), new_cache
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, self.causal, self.rotary, cache[i] if cache else None, start)
+            new_cache.append(kv)
+        return self.head(self.norm(x[:, -1])), new_cache
 
     def flops_per_item(self) -> float:
         """Training FLOPs (forward and backward, as in the PaLM appendix) per unit of throughput:
         per token for text, per image (all its patch tokens) for images."""
-        params = sum(p.numel() for p in self.parameters()) - self.position.numel()
+        table = self.position.numel() if self.position is not None else 0
+        params = sum(p.numel() for p in self.parameters()) - table
         per_token = 6 * params + 12 * self.depth * self.width * self.context
         return float(per_token if self.causal else per_token * self.context)
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then x + MLP(norm(x)): GPT-2's pre-norm block."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)  # into the residual stream
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)  # into the residual stream
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, causal: bool, rotary: Rotary | None = None,
+                cache: tuple[Tensor, Tensor] | None = None, start: int = 0
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The block's output and this call's keys and values (after `cache`'s)."""
+        batch, length, width = x.shape
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(self.norm1(x)).split(width, dim=-1))
+        if rotary is not None:
+            q, k = rotary(q, start), rotary(k, start)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and cache is None)  # one new token may see every cached one
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        x = x + self.drop(self.out(F.gelu(self.fc(self.norm2(x)))))
+        return x, (k, v)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al., 2021): each pair of a head's dimensions rotated by
+    an angle proportional to the position, so attention scores depend on relative positions."""
+
+    def __init__(self, head_width: int, positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        frequencies = base ** (-torch.arange(0, head_width, 2).float() / head_width)
+        angles = torch.outer(torch.arange(positions).float(), frequencies)  # (T, head_width/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        length = x.shape[2]
+        cos, sin = self.cos[start:start + length], self.sin[start:start + length]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+        return rotated.flatten(-2).type_as(x)
+
+
+def _gpt2_init(module: nn.Module, depth: int) -> None:
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, Block):  # residual projections: the sum of 2 * depth of them
+        for layer in (module.proj, module.out):
+            nn.init.normal_(layer.weight, std=0.02 / (2 * depth) ** 0.5)
+    if isinstance(module, Transformer):
+        for table in (module.position, module.class_token):
+            if table is not None:
+                nn.init.normal_(table, std=0.02)
+
+
+# Checkpoints written before the block was our own held nn.TransformerEncoder's names.
+_OLD_NAMES = {"self_attn.in_proj_weight": "qkv.weight", "self_attn.in_proj_bias": "qkv.bias",
+              "self_attn.out_proj.weight": "proj.weight", "self_attn.out_proj.bias": "proj.bias",
+              "linear1.weight": "fc.weight", "linear1.bias": "fc.bias",
+              "linear2.weight": "out.weight", "linear2.bias": "out.bias"}
+
+
+def _renamed_from_encoder_layers(state: dict, prefix: str, *args: object) -> None:
+    for key in [k for k in state if k.startswith(prefix + "blocks.")]:
+        rest = key[len(prefix + "blocks."):]
+        if rest.startswith("norm."):
+            state[prefix + rest] = state.pop(key)
+        elif rest.startswith("layers."):
+            index, name = rest[len("layers."):].split(".", 1)
+            state[f"{prefix}blocks.{index}.{_OLD_NAMES.get(name, name)}"] = state.pop(key)

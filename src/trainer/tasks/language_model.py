@@ -95,7 +95,7 @@ def sample(model: nn.Module, prompt: Tensor, length: int, seed: int = 0,
             if sharded or not hasattr(model, "decode"):
                 logits = model(tokens[-context:][None])[0, -1]
             else:
-                window = getattr(model, "position", None) is not None and fed >= context
+                window = isinstance(state, list) and fed >= context  # a full key-value cache
                 if state is None or window:  # (re)start from as much context as fits, or half
                     keep = tokens[-(context // 2 if window else context):]
                     logits, state = model.decode(keep[None])
