@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import MODELS, compose_train
 from trainer.errors import UserError
@@ -130,3 +131,38 @@ def test_a_vision_transformer_with_a_class_token(tmp_path, text_file):
     with pytest.raises(UserError, match="model.pool='max' is not accepted: choose one of mean, "
                                         "cls"):
         fit(tmp_path, "model=transformer", "model.pool=max")
+
+
+def test_gpt_options_train_and_tie_the_embedding(tmp_path, text_file):
+    from trainer.checkpoint import load
+
+    text = ["model=transformer", "data=text", f"data.path={text_file}", "data.block_size=16"]
+    assert "test/bpb" in fit(tmp_path, *text, "model.rotary=true", "model.tie_embeddings=true",
+                             "model.init=gpt2")
+    weights = load(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
+    assert torch.equal(weights["head.weight"], weights["embed.weight"])
+    assert "position" not in weights and "head.bias" not in weights  # rotary; tied, no bias
+
+
+def test_former_transformer_checkpoints_load_unchanged():
+    """Checkpoints written when the blocks were nn.TransformerEncoderLayer (names mapped)."""
+    from trainer.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, block_size=16, width=16, depth=2, heads=2).eval()
+    renamed = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias",
+               "proj.": "self_attn.out_proj.", "fc.": "linear1.", "out.": "linear2."}
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("blocks."):
+            index, name = key[len("blocks."):].split(".", 1)
+            name = next((name.replace(a, b) for a, b in renamed.items() if name.startswith(a)),
+                        name)
+            key = f"blocks.layers.{index}.{name}"
+        elif key.startswith("norm."):
+            key = "blocks." + key
+        old[key] = value
+    again = Transformer(vocab_size=20, block_size=16, width=16, depth=2, heads=2).eval()
+    again.load_state_dict(old)
+    tokens = torch.randint(0, 20, (2, 16))
+    assert torch.equal(again(tokens), model(tokens))

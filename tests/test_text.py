@@ -314,7 +314,7 @@ def test_a_resumed_run_on_a_memory_mapped_bpe_corpus_equals_the_uninterrupted_on
     assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())
 
 
-@pytest.mark.parametrize("name", ["transformer", "rnn"])
+@pytest.mark.parametrize("name", ["transformer", "rotary", "rnn", "gru"])
 def test_sampling_with_a_cache_gives_the_logits_of_the_whole_forward(name):
     """The transformer's key-value cache and the LSTM's carried state: one position per token,
     the same numbers as running the model over everything again."""
@@ -324,7 +324,10 @@ def test_sampling_with_a_cache_gives_the_logits_of_the_whole_forward(name):
     torch.manual_seed(0)
     build = {"transformer": lambda: Transformer(vocab_size=20, block_size=16, width=16, depth=2,
                                                 heads=2),
-             "rnn": lambda: RNN(vocab_size=20, block_size=16, width=16, depth=2)}
+             "rotary": lambda: Transformer(vocab_size=20, block_size=16, width=16, depth=2,
+                                           heads=2, rotary=True, tie_embeddings=True),
+             "rnn": lambda: RNN(vocab_size=20, block_size=16, width=16, depth=2),
+             "gru": lambda: RNN(vocab_size=20, block_size=16, width=16, depth=2, cell="gru")}
     model = build[name]().eval()
     tokens = torch.randint(0, 20, (2, 12))
     with torch.no_grad():

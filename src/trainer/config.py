@@ -124,7 +124,8 @@ CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
            "device.strategy": STRATEGIES}
 # Keys that only some options have: checked where present.
 OPTIONAL_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
-                    "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls")}
+                    "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls"),
+                    "model.init": ("torch", "gpt2")}
 
 
 def validate(cfg: DictConfig) -> None:

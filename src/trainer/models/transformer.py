@@ -28,14 +28,16 @@ class Transformer(nn.Module):
 
     Attention is PyTorch's scaled_dot_product_attention (its fused kernels where the device has
     them). Positions are a learned table, or with `rotary` rotations of the queries and keys
-    (RoPE). Weights start as GPT-2's: normal(0, 0.02), the projections into the residual stream
-    scaled by 1/sqrt(2 * depth), biases zero.
+    (RoPE). Weights start as `init` says: `torch`, PyTorch's own (nn.MultiheadAttention's for
+    the attention), or `gpt2`: normal(0, 0.02), the projections into the residual stream scaled
+    by 1/sqrt(2 * depth), biases zero. At baby_gpt's size the first learns faster (README).
     """
 
     def __init__(self, in_shape: tuple[int, int, int] | None = None, num_classes: int = 0,
                  vocab_size: int = 0, block_size: int = 0, width: int = 64, depth: int = 2,
                  heads: int = 4, dropout: float = 0.0, patch_size: int | None = None,
-                 pool: str = "mean", tie_embeddings: bool = False, rotary: bool = False) -> None:
+                 pool: str = "mean", tie_embeddings: bool = False, rotary: bool = False,
+                 init: str = "torch") -> None:
         super().__init__()
         if width % heads or (rotary and (width // heads) % 2):
             even = " (and give each head an even width, for rotary)" if rotary else ""
@@ -68,7 +70,8 @@ class Transformer(nn.Module):
         tied = tie_embeddings and self.causal
         self.head = nn.Linear(width, outputs, bias=not tied)
         self.width, self.depth, self.context = width, depth, tokens
-        self.apply(lambda module: _gpt2_init(module, depth))
+        self.apply(lambda module: _gpt2_init(module, depth) if init == "gpt2" else
+                   _torch_init(module))
         if tied:
             self.head.weight = self.embed.weight
         self._register_load_state_dict_pre_hook(_renamed_from_encoder_layers)
@@ -164,6 +167,18 @@ class Rotary(nn.Module):
         even, odd = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
         return rotated.flatten(-2).type_as(x)
+
+
+def _torch_init(module: nn.Module) -> None:
+    """PyTorch's defaults, the attention initialised as nn.MultiheadAttention does."""
+    if isinstance(module, Block):
+        nn.init.xavier_uniform_(module.qkv.weight)
+        nn.init.zeros_(module.qkv.bias)
+        nn.init.zeros_(module.proj.bias)
+    if isinstance(module, Transformer):
+        for table in (module.position, module.class_token):
+            if table is not None:
+                nn.init.normal_(table, std=0.02)
 
 
 def _gpt2_init(module: nn.Module, depth: int) -> None:
