@@ -105,6 +105,21 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     assert len(run_dirs(tmp_path)) == len(DDP_MODELS)  # one per job, none per rank
 
 
+@pytest.mark.parametrize("options", [
+    ["model=gan", "model.conv=true", "model.spectral_norm=true"],
+    ["model=autoencoder", "model.conv=true", "model.variational=true", "model.denoise=0.1"],
+    ["model=rnn", "model.cell=gru", "model.bidirectional=true"],
+    ["model=transformer", "model.pool=cls", "model.rotary=true"],
+    ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
+])
+def test_each_architecture_option_trains_under_ddp(tmp_path, options):
+    result = run_cli("train", "debug=fast", "device=cpu", "device.count=2", *options,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    assert "test/loss" in metrics(run)
+
+
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_or_killed_rank_stops_the_group_and_the_run_resumes(tmp_path, how):
     start = time.monotonic()
