@@ -166,3 +166,10 @@ def test_former_transformer_checkpoints_load_unchanged():
     again.load_state_dict(old)
     tokens = torch.randint(0, 20, (2, 16))
     assert torch.equal(again(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("size", [8, 13])
+def test_a_residual_cnn_takes_any_image_size(tmp_path, image_folder, size):
+    metrics = fit(tmp_path, "model.residual=true", "model.depth=3", "data=image_folder",
+                  f"data.path={image_folder}", f"data.image_size={size}", "data.batch_size=8")
+    assert set(metrics) == EXPECTED_METRICS["cnn"]

@@ -7,7 +7,10 @@ from trainer.errors import UserError
 
 class CNN(nn.Module):
     """Conv blocks that each double the channels and halve the image, then a small classifier;
-    or, with `backbone`, a torchvision classification network (pretrained with `weights`) whose
+    with `residual`, a ResNet: a stem, then `depth` stages of two residual blocks (batch norm;
+    every stage but the first halves the image and doubles the channels), global average
+    pooling and a linear classifier, so any image size works with a small head; or, with
+    `backbone`, a torchvision classification network (pretrained with `weights`) whose
     classifier is replaced by one for the data's classes.
 
     A backbone sees images as it was trained to (models/pretrained.py): three channels, its own
@@ -19,7 +22,8 @@ class CNN(nn.Module):
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 32,
                  depth: int = 2, dropout: float = 0.1, batch_norm: bool = False,
                  backbone: str | None = None, weights: str | None = None,
-                 freeze_backbone: bool = False, input_size: int | str | None = "auto") -> None:
+                 freeze_backbone: bool = False, input_size: int | str | None = "auto",
+                 residual: bool = False) -> None:
         super().__init__()
         self.frozen = freeze_backbone and bool(backbone)
         if backbone:
@@ -31,6 +35,11 @@ class CNN(nn.Module):
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width_out, num_classes))
             return
         channels, height, width_px = in_shape
+        if residual:
+            self.features = _residual_stages(channels, width, depth)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                      nn.Linear(width * 2 ** (depth - 1), num_classes))
+            return
         if min(height, width_px) >> depth == 0:
             raise UserError(f"model.depth={depth}: {depth} conv blocks would halve a {height}x"
                             f"{width_px} image to nothing; lower model.depth or raise the image "
@@ -55,3 +64,30 @@ class CNN(nn.Module):
         if self.frozen:
             self.features.eval()  # a frozen backbone keeps its batch norm statistics
         return self
+
+
+class ResidualBlock(nn.Module):
+    """relu(x + bn(conv(relu(bn(conv(x)))))), with a strided 1x1 convolution on the shortcut
+    where the block changes the size or the channels (He et al., 2016)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(outputs), nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs))
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.body(x) + self.shortcut(x)).relu()
+
+
+def _residual_stages(channels: int, width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU()]
+    for stage in range(depth):
+        inputs, outputs = width * 2 ** max(stage - 1, 0), width * 2**stage
+        layers += [ResidualBlock(inputs, outputs, 1 if stage == 0 else 2),
+                   ResidualBlock(outputs, outputs, 1)]
+    return nn.Sequential(*layers)
