@@ -30,10 +30,12 @@ def artifacts(client, run_id, folder=None):
 
 
 @pytest.mark.slow
-def test_mlflow_beside_tensorboard_and_resumed_into_the_same_run(tmp_path):
+def test_mlflow_beside_tensorboard_and_resumed_into_the_same_run(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from trainer.loop import train
+
+    monkeypatch.chdir(tmp_path)  # an sqlite store keeps its artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "run"

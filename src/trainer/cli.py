@@ -284,32 +284,23 @@ def _train_main(cfg: DictConfig) -> Any:
     return _run_reporting_errors(lambda: _train_job(cfg))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def _evaluate_main(cfg: DictConfig) -> Any:
-    from trainer import use
+def _use_command(config_name: str, job: str) -> Callable[[], None]:
+    """A console script over a finished run: `--help`, or Hydra composing `config_name` and
+    use.<job> running on it, a UserError reported as one line."""
 
-    return _run_reporting_errors(lambda: use.evaluate_job(cfg))
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def main(cfg: DictConfig) -> Any:
+        from trainer import use
 
+        return _run_reporting_errors(lambda: getattr(use, job)(cfg))
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-def _generate_main(cfg: DictConfig) -> Any:
-    from trainer import use
+    def command() -> None:
+        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+            _print_help(config_name, sys.argv[1:])
+            return
+        main()
 
-    return _run_reporting_errors(lambda: use.generate_job(cfg))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def _predict_main(cfg: DictConfig) -> Any:
-    from trainer import use
-
-    return _run_reporting_errors(lambda: use.predict_job(cfg))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def _export_main(cfg: DictConfig) -> Any:
-    from trainer import use
-
-    return _run_reporting_errors(lambda: use.export_job(cfg))
+    return command
 
 
 def _check_output_folder(args: list[str]) -> None:
@@ -358,21 +349,15 @@ def train() -> None:
 
 def evaluate() -> None:
     """Console script `evaluate`."""
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help("evaluate", sys.argv[1:])
-        return
     # data.KEY=VALUE changes a key of the run's data config, which evaluate.yaml cannot list.
     sys.argv = ["+" + arg if arg.startswith("data.") else arg for arg in sys.argv]
-    _evaluate_main()
+    _evaluate()
 
 
 def generate() -> None:
     """Console script `generate`."""
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help("generate", sys.argv[1:])
-        return
     sys.argv = [_quoted_prompt(arg) for arg in sys.argv]
-    _generate_main()
+    _generate()
 
 
 def _quoted_prompt(arg: str) -> str:
@@ -384,17 +369,8 @@ def _quoted_prompt(arg: str) -> str:
     return "prompt='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def predict() -> None:
-    """Console script `predict`."""
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help("predict", sys.argv[1:])
-        return
-    _predict_main()
-
-
-def export_model() -> None:
-    """Console script `export-model` (`export` is a shell builtin: it would never run)."""
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help("export", sys.argv[1:])
-        return
-    _export_main()
+_evaluate = _use_command("evaluate", "evaluate_job")
+_generate = _use_command("generate", "generate_job")
+predict = _use_command("predict", "predict_job")  # console script `predict`
+# Console script `export-model` (`export` is a shell builtin: it would never run).
+export_model = _use_command("export", "export_job")
