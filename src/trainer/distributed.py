@@ -45,6 +45,12 @@ class Runtime:
     sync_batchnorm: bool = False
     control: Any = None  # a gloo group for host-side agreements (any_rank)
 
+    def close(self) -> None:
+        """Leave the process group once the run is done, so its gloo threads are joined before
+        the interpreter exits (left alive, one was seen to abort a rank at exit)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

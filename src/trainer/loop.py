@@ -126,7 +126,9 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
         run.logger.config(OmegaConf.to_yaml(cfg))
     with StopRequest() as stop:
         fit(run, stop)
-    return finish(run)
+    metrics = finish(run)
+    s.rt.close()
+    return metrics
 
 
 def prepare(s: Setup, run_dir: Path) -> Run:
