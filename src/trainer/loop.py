@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,28 +26,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
 from trainer.config import call, instantiate, validate
-from trainer.data import Batch, DataModule, spec_record, train_batches
+from trainer.data import Batch, DataModule, train_batches
 from trainer.distributed import Runtime, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import Loggers, Throughput, build_loggers, hparams_of
+from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
 
 log = logging.getLogger("trainer")
-
-
-@dataclass
-class Progress:
-    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch: int = 0  # micro-batches of this epoch already consumed
-    best: float | None = None  # best value of the monitored metric so far
-    stale: int = 0  # validations since it last improved (early stopping)
-    skipped: int = 0  # steps skipped for a non-finite gradient (trainer.skip_nonfinite)
 
 
 @dataclass
@@ -155,25 +144,6 @@ def prepare(s: Setup, run_dir: Path) -> Run:
     return Run(s, run_dir, optimizers, schedulers, scaler, s.task.distribute(s.model, wrap),
                SimpleNamespace(**OmegaConf.to_container(tc, resolve=True)), steps_per_epoch,
                total_steps)
-
-
-def restore(run: Run, source: Path) -> None:
-    """Continue from a checkpoint: weights, optimizer and scheduler states, scaler, progress and
-    this rank's random generators."""
-    rt, model = run.s.rt, run.s.model
-    state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
-    with checkpoint.reported_as_mismatch(source):
-        rt.load_model_state(model, state["model"])
-        for optimizer, saved in zip(run.optimizers, state["optimizers"], strict=True):
-            rt.load_optimizer_state(model, optimizer, saved)
-    for scheduler, saved in zip(run.schedulers, state["schedulers"], strict=True):
-        scheduler.load_state_dict(saved)
-    if state["scaler"]:  # empty when the run was not in 16-bit precision
-        run.scaler.load_state_dict(state["scaler"])
-    run.progress = Progress(**state["progress"])
-    rng = state["rng"]  # one state per rank; a different world size reuses them in turn
-    checkpoint.set_rng_state(rng[rt.rank % len(rng)], rt.device)
-    log.info("resumed from %s at step %d", source, run.progress.step)
 
 
 def fit(run: Run, stop: StopRequest) -> None:
@@ -306,32 +276,6 @@ def _checkpoint_due(run: Run) -> bool:
     minutes = run.tc.checkpoint_minutes
     return bool(minutes) and run.s.rt.is_main and \
         time.monotonic() - run.saved_at >= 60 * minutes
-
-
-def save(run: Run, name: str, metrics: dict[str, float]) -> None:
-    """Write checkpoints/<name>.pt; last.pt also keeps trainer.keep_last step-NNNNNN.pt copies.
-    Every rank takes part: under FSDP gathering the full state is a collective."""
-    rt, model = run.s.rt, run.s.model
-    model_state = rt.model_state(model)
-    optimizer_states = [rt.optimizer_state(model, o) for o in run.optimizers]
-    rng = rt.gather(checkpoint.rng_state(rt.device))
-    if rt.is_main:
-        path = run.checkpoints / f"{name}.pt"
-        checkpoint.save(path, {
-            "model": model_state,
-            "optimizers": optimizer_states,
-            "schedulers": [s.state_dict() for s in run.schedulers],
-            "scaler": run.scaler.state_dict(),
-            "progress": asdict(run.progress),
-            "rng": rng,
-            "config": OmegaConf.to_container(run.s.cfg, resolve=True),
-            "data": spec_record(run.s.data.spec),
-            "metrics": metrics,
-        })
-        if name == "last":
-            checkpoint.keep_step_copy(path, run.progress.step, run.tc.keep_last)
-    if name == "last":
-        run.saved_at = time.monotonic()
 
 
 def finish(run: Run) -> dict[str, float]:
