@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from trainer import checkpoint
 from trainer.data import spec_record
+from trainer.optim import flat, regrouped
 
 if TYPE_CHECKING:
     from trainer.loop import Run
@@ -66,10 +67,13 @@ def restore(run: Run, source: Path) -> None:
     state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
     with checkpoint.reported_as_mismatch(source):
         rt.load_model_state(model, state["model"])
-        for optimizer, saved in zip(run.optimizers, state["optimizers"], strict=True):
+        entries = run.s.task.param_groups(model)
+        for optimizer, scheduler, saved, saved_schedule, entry in zip(
+                run.optimizers, run.schedulers, state["optimizers"], state["schedulers"],
+                entries, strict=True):
+            saved, saved_schedule = regrouped(saved, saved_schedule, optimizer, flat(entry))
             rt.load_optimizer_state(model, optimizer, saved)
-    for scheduler, saved in zip(run.schedulers, state["schedulers"], strict=True):
-        scheduler.load_state_dict(saved)
+            scheduler.load_state_dict(saved_schedule)
     if state["scaler"]:  # empty when the run was not in 16-bit precision
         run.scaler.load_state_dict(state["scaler"])
     run.progress = Progress(**state["progress"])
