@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_train
+from trainer.errors import UserError
 from trainer.loop import train
 
 DROPOUT_RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
@@ -81,3 +82,30 @@ def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monk
                         f"trainer.max_validations={max_validations or 'null'}"), tmp_path)
     assert len(calls) == expected and calls[-1] == 80
     assert calls == sorted(set(calls))
+
+
+def test_convolutional_models_train_channels_last_on_the_cpu_and_match_the_plain_layout(tmp_path):
+    from trainer.loop import build
+
+    def conv_weight_layouts(*overrides):
+        model = build(compose_train("debug=fast", *overrides)).model
+        return {m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in model.modules()
+                # with one input channel or a 1x1 kernel both layouts are the same strides
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+                and m.in_channels > 1}
+
+    assert conv_weight_layouts("model.residual=true") == {True}  # device.channels_last=auto
+    assert conv_weight_layouts("model.residual=true", "device.channels_last=false") == {False}
+    assert conv_weight_layouts("model=transformer", "device.channels_last=true") == set()
+
+    common = ["debug=fast", "logger=none", "model.residual=true", "trainer.max_steps=6"]
+    fast = train(compose_train(*common), tmp_path / "channels_last")
+    plain = train(compose_train(*common, "device.channels_last=false"), tmp_path / "plain")
+    assert fast["test/loss"] == pytest.approx(plain["test/loss"], rel=1e-4)
+    with pytest.raises(UserError, match="device.channels_last='yes' is not accepted: choose one "
+                                        "of auto, true, false"):
+        train(compose_train(*common, "device.channels_last=yes"), tmp_path / "bad")
+    with pytest.raises(UserError, match="channels_last=true cannot be used with device.strategy"):
+        train(compose_train(*common, "device.channels_last=true", "device.strategy=fsdp",
+                            "device.count=2"), tmp_path / "bad")

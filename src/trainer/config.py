@@ -32,6 +32,7 @@ class DeviceConfig:
     nodes: int = 1
     precision: str = "32"
     compile: bool = False
+    channels_last: Any = "auto"  # auto, true or false: see distributed.memory_format
     strategy: str = "ddp"  # ddp, or fsdp: FSDP2 shards the model across the ranks
     sync_batchnorm: bool = False
     timeout_s: int = 600  # a collective that waits longer than this fails the run
@@ -123,7 +124,8 @@ RANGES: list[tuple[str, Any, str]] = [
 CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
            "device.strategy": STRATEGIES}
 # Keys that only some options have: checked where present.
-OPTIONAL_CHOICES = {"data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
+OPTIONAL_CHOICES = {"device.channels_last": ("auto", "true", "false"),
+                    "data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
                     "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls"),
                     "model.init": ("torch", "gpt2")}
 
@@ -144,6 +146,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"device.nodes={cfg.device.nodes} needs device.rdzv_endpoint=HOST:PORT "
                         "(a port on the first node) and device.rdzv_id=NAME, the same on every "
                         "node")
+    sharded = cfg.device.strategy == "fsdp" and cfg.device.count * cfg.device.nodes > 1
+    if sharded and str(cfg.device.channels_last).lower() == "true":
+        raise UserError("device.channels_last=true cannot be used with device.strategy=fsdp "
+                        "(FSDP2 shards contiguous parameters only): use auto or false")
     for key, test, accepted in RANGES:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         number = isinstance(value, int | float) and not isinstance(value, bool)

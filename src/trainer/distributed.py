@@ -191,6 +191,19 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
+def memory_format(setting: bool | str, rt: Runtime, model: nn.Module) -> torch.memory_format:
+    """device.channels_last: `auto` is channels-last for a model with 2-d convolutions on CUDA or
+    the CPU, where cuDNN and oneDNN run them faster in that layout (the ResNet preset's step:
+    1.25x in float32 and again with bf16 on a 2-core CPU), unless FSDP shards it: FSDP2 takes
+    contiguous parameters only. A convolution whose weight is channels-last makes its output
+    so, so the inputs need no change."""
+    wanted = str(setting).lower() == "true"
+    if setting == "auto":
+        convolutional = any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
+        wanted = convolutional and rt.device.type in ("cuda", "cpu") and not rt.sharded
+    return torch.channels_last if wanted else torch.contiguous_format
+
+
 def runtime(device_cfg: DictConfig) -> Runtime:
     """This process's device and place in the group, joining the group when there is one."""
     precision = str(device_cfg.precision)

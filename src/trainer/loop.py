@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from trainer import checkpoint
 from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, train_batches
-from trainer.distributed import Runtime, runtime
+from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import Loggers, Throughput, build_loggers, hparams_of
@@ -65,7 +65,8 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     task = task_for(cfg.model, data.spec)
     model = task.build_model(cfg.model, data.spec)
     torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
-    return Setup(cfg, rt, data.to(rt.device), task, model.to(rt.device))
+    model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))
+    return Setup(cfg, rt, data.to(rt.device), task, model)
 
 
 @dataclass
