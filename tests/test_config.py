@@ -62,7 +62,7 @@ def test_wrong_type_in_a_schema_field_fails_while_composing():
 @pytest.mark.parametrize(("override", "message"), [
     ("optimizer.lr=0", "optimizer.lr=0 is out of range: it must be > 0"),
     ("data.batch_size=-4", "data.batch_size=-4 is out of range"),
-    ("device.precision=8", "device.precision='8' is not accepted: choose one of 32, bf16, 16"),
+    ("device.precision=8", "device.precision='8' is not accepted: choose one of auto, 32, bf16"),
     ("device.type=tpu", "device.type='tpu' is not accepted"),
     ("optimizer.lr=fast", "optimizer.lr='fast' has the wrong type: expected float"),
     ("model.depth=2.5", "model.depth=2.5 has the wrong type: expected int"),
@@ -79,3 +79,17 @@ def test_misspelt_key_in_a_config_file_is_caught_against_the_constructor():
     cfg.model.widht = 8
     with pytest.raises(UserError, match="unknown key model.widht .*accepted: width, depth"):
         validate(cfg)
+
+
+def test_precision_auto_is_bf16_on_modern_gpus_16_on_older_ones_and_32_on_the_cpu(monkeypatch):
+    import torch
+
+    from trainer.distributed import resolve_precision
+
+    assert compose_train("device=cuda").device.precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    for native, expected in ((True, "bf16"), (False, "16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True,
+                            native=native: native and not including_emulation)
+        assert resolve_precision("auto", torch.device("cuda", 0)) == expected

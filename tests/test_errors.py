@@ -22,7 +22,7 @@ from conftest import assert_clean_error, run_cli
     (["data.val_fraction=0.5", "data.test_fraction=0.5"],
      ["data.val_fraction=0.5 + data.test_fraction=0.5 leave no training data"]),
     (["device=cuda"], ["device=cuda but no CUDA device is available", "device=cpu"]),
-    (["device.precision=64"], ["device.precision='64' is not accepted: choose one of 32, bf16"]),
+    (["device.precision=64"], ["device.precision='64' is not accepted: choose one of auto, 32"]),
     (["data=mnist", "data.root=empty", "data.download=false"],
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
     (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_train
+from conftest import MODELS, compose_train
 from trainer.errors import UserError
 from trainer.loop import train
 
@@ -58,6 +60,29 @@ def test_compiled_model_trains(tmp_path):
     metrics = train(compose_train("debug=fast", "logger=none", "device.compile=true",
                                   "trainer.max_steps=30", "trainer.val_every=30"), tmp_path)
     assert metrics["test/acc"] > 0.5
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_compiled_models_compile_once_not_every_step(tmp_path, monkeypatch, model):
+    """Dynamo's graphs, counted by a backend that runs them as they are: as many after 12 steps
+    as after 4, so no step recompiles (guards on step counters or shapes would)."""
+    compiled = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        compiled.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile,
+                                                            backend=counting_backend))
+    counts = []
+    for steps in (4, 12):
+        torch._dynamo.reset()
+        compiled.clear()
+        train(compose_train("debug=fast", "logger=none", f"model={model}", "device.compile=true",
+                            f"trainer.max_steps={steps}", "trainer.val_every=2"),
+              tmp_path / str(steps))
+        counts.append(len(compiled))
+    assert 0 < counts[0] == counts[1], counts
 
 
 def test_early_stopping_ends_before_the_budget(tmp_path):

@@ -3,6 +3,8 @@ optimizers had their two groups still resume."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -103,3 +105,15 @@ def test_a_run_saved_with_one_group_per_optimizer_resumes_exactly(tmp_path, monk
     assert all(len(state["param_groups"]) == 2 for state in resumed["optimizers"])
     for key, value in whole["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_optimizers_use_their_fused_kernel_on_cuda_unless_the_config_says_otherwise():
+    from trainer.config import instantiate
+    from trainer.optim import device_options
+
+    adamw, cuda = instantiate(compose_train().optimizer), torch.device("cuda", 0)
+    assert device_options(adamw, cuda) == {"fused": True}
+    assert device_options(adamw, torch.device("cpu")) == {}
+    assert device_options(instantiate(compose_train("+optimizer.fused=false").optimizer),
+                          cuda) == {}
+    assert device_options(functools.partial(torch.optim.LBFGS), cuda) == {}  # has no fused kernel

@@ -21,8 +21,8 @@ from trainer.errors import UserError
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("ddp", "fsdp")
-PRECISIONS = ("32", "bf16", "16")
-AUGMENTATIONS = ("none", "flip_crop", "random_resized_crop")  # data/transforms.py
+PRECISIONS = ("auto", "32", "bf16", "16")  # auto: distributed.resolve_precision
+AUGMENTATIONS = ("none", "crop", "flip_crop", "random_resized_crop")  # data/transforms.py
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DeviceConfig:
     type: str = "auto"
     count: int = 1
     nodes: int = 1
-    precision: str = "32"
+    precision: str = "auto"
     compile: bool = False
     channels_last: Any = "auto"  # auto, true or false: see distributed.memory_format
     strategy: str = "ddp"  # ddp, or fsdp: FSDP2 shards the model across the ranks

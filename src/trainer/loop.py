@@ -31,7 +31,7 @@ from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import Loggers, Throughput, build_loggers, hparams_of
-from trainer.optim import decay_groups
+from trainer.optim import decay_groups, device_options
 from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
@@ -126,7 +126,9 @@ def prepare(s: Setup, run_dir: Path) -> Run:
     """Optimizers, schedulers and scaler for the model (sharded first under FSDP)."""
     rt, data, tc = s.rt, s.data, s.cfg.trainer
     rt.shard(s.model)
-    optimizers = [call(instantiate(s.cfg.optimizer), decay_groups(entry, s.model))
+    optimizer = instantiate(s.cfg.optimizer)
+    optimizers = [call(optimizer, decay_groups(entry, s.model), **device_options(optimizer,
+                                                                                rt.device))
                   for entry in s.task.param_groups(s.model)]
     per_step = data.batch_size * rt.world * tc.accumulate
     steps_per_epoch = len(data.train) // per_step

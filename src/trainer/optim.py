@@ -3,10 +3,13 @@ learning-rate schedules as functions of the optimizer step (the loop steps them 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from inspect import signature
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
@@ -29,6 +32,13 @@ def decay_groups(entry: list[Any], model: nn.Module) -> list[dict[str, Any]]:
                    {**group, "params": [p for p in params if id(p) not in decayed],
                     "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
+
+
+def device_options(optimizer: functools.partial, device: torch.device) -> dict[str, Any]:
+    """fused=True on CUDA for an optimizer with a fused kernel (Adam, AdamW, SGD) unless its
+    config says otherwise: one kernel for the whole step in place of several per tensor."""
+    wanted = device.type == "cuda" and "fused" not in optimizer.keywords
+    return {"fused": True} if wanted and "fused" in signature(optimizer.func).parameters else {}
 
 
 def flat(entry: list[Any]) -> list[nn.Parameter]:
