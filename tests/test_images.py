@@ -48,7 +48,7 @@ def test_draws_depend_on_seed_epoch_and_sample_only():
     assert many.min() >= 0 and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("kind", ["flip_crop", "random_resized_crop"])
+@pytest.mark.parametrize("kind", ["crop", "flip_crop", "random_resized_crop"])
 def test_augmentation_moves_pixels_deterministically(kind):
     images = digits().train.batch(torch.arange(32))[0]
     augment = Augment(kind, seed=0)
@@ -65,6 +65,16 @@ def test_flip_crop_only_moves_pixels():
     image = torch.arange(64.0).view(1, 1, 8, 8) / 64
     out = Augment("flip_crop", seed=0)(image, torch.tensor([3]), epoch=0)
     assert set(out.flatten().tolist()) <= set(image.flatten().tolist())  # no interpolation
+
+
+def test_crop_shifts_as_flip_crop_does_and_never_mirrors():
+    images, index = digits().train.batch(torch.arange(64))[0], torch.arange(64)
+    crop = Augment("crop", seed=0)(images, index, epoch=0)
+    flip_crop = Augment("flip_crop", seed=0)(images, index, epoch=0)
+    same = (crop == flip_crop).flatten(1).all(1)
+    mirrored = (crop.flip(-1) == flip_crop).flatten(1).all(1)
+    assert same.any() and (~same).any()  # flip_crop flipped some of them, crop none
+    assert (same | mirrored).all()
 
 
 def test_only_training_batches_are_augmented():
@@ -144,7 +154,7 @@ def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
 
 
 @pytest.mark.parametrize(("key", "fragment"), [
-    ("data.augment=mixup", "data.augment='mixup' is not accepted: choose one of none, flip_crop"),
+    ("data.augment=mixup", "data.augment='mixup' is not accepted: choose one of none, crop"),
     ("data.in_memory=maybe", "data.in_memory='maybe' is not accepted: choose one of auto, true"),
     ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
 ])

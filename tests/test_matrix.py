@@ -173,3 +173,17 @@ def test_a_residual_cnn_takes_any_image_size(tmp_path, image_folder, size):
     metrics = fit(tmp_path, "model.residual=true", "model.depth=3", "data=image_folder",
                   f"data.path={image_folder}", f"data.image_size={size}", "data.batch_size=8")
     assert set(metrics) == EXPECTED_METRICS["cnn"]
+
+
+def test_test_flip_scores_the_mean_of_each_image_and_its_mirror(tmp_path):
+    from trainer.models.cnn import CNN
+
+    torch.manual_seed(0)
+    plain = CNN((1, 8, 8), 3, width=4, depth=2, residual=True, dropout=0.0)
+    flipping = CNN((1, 8, 8), 3, width=4, depth=2, residual=True, dropout=0.0, test_flip=True)
+    flipping.load_state_dict(plain.state_dict())
+    images = torch.randn(5, 1, 8, 8)
+    assert torch.equal(flipping(images), plain(images))  # training: one view
+    plain.eval(), flipping.eval()
+    torch.testing.assert_close(flipping(images), (plain(images) + plain(images.flip(-1))) / 2)
+    assert set(fit(tmp_path, "model.test_flip=true")) == EXPECTED_METRICS["cnn"]

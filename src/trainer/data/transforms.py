@@ -45,6 +45,7 @@ class Augment:
 
     - flip_crop: reflect-pad by 1/8 of the side, crop back at a random offset, flip half the
       images horizontally (the CIFAR recipe).
+    - crop: the same shifts without the flip, for images a mirror changes (digits, letters).
     - random_resized_crop: a crop of 8-100% of the area with aspect ratio 3/4 to 4/3, resized back
       to the full size, flipped half the time (the ImageNet recipe).
     """
@@ -54,8 +55,8 @@ class Augment:
 
     def __call__(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
         draws = seeded_uniforms(self.seed, epoch, index.to(images.device), 5)
-        if self.kind == "flip_crop":
-            return _flip_crop(images, draws)
+        if self.kind in ("flip_crop", "crop"):
+            return _flip_crop(images, draws, flip=self.kind == "flip_crop")
         return _random_resized_crop(images, draws)
 
 
@@ -63,16 +64,16 @@ def make_augment(kind: str, seed: int) -> Augment | None:
     return None if kind == "none" else Augment(kind, seed)
 
 
-def _flip_crop(images: Tensor, draws: Tensor) -> Tensor:
+def _flip_crop(images: Tensor, draws: Tensor, flip: bool) -> Tensor:
     n, _, height, width = images.shape
     pad = max(1, min(height, width) // 8)
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy = (draws[:, 0] * (2 * pad + 1)).long()
     dx = (draws[:, 1] * (2 * pad + 1)).long()
-    flip = draws[:, 2] < 0.5
+    flipped = (draws[:, 2] < 0.5) & flip
     rows = dy[:, None] + torch.arange(height, device=images.device)  # (N, H)
     steps = torch.arange(width, device=images.device)
-    cols = dx[:, None] + torch.where(flip[:, None], width - 1 - steps, steps)  # (N, W)
+    cols = dx[:, None] + torch.where(flipped[:, None], width - 1 - steps, steps)  # (N, W)
     # One gather does the crop and the flip: padded[i, :, rows[i], cols[i]].
     picked = padded[torch.arange(n, device=images.device)[:, None, None], :,
                     rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)

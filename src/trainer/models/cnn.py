@@ -16,16 +16,19 @@ class CNN(nn.Module):
     A backbone sees images as it was trained to (models/pretrained.py): three channels, its own
     mean and std, and with `input_size` auto its own size (an int: that size; null: the data's).
     `freeze_backbone` trains the new classifier alone, the backbone's batch norm statistics
-    frozen too.
+    frozen too. With `test_flip`, evaluation (and predict and export) scores each image and its
+    mirror and averages the two (airbench's test-time augmentation): for data a mirror keeps in
+    its class, such as clothes and photos; not digits.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 32,
                  depth: int = 2, dropout: float = 0.1, batch_norm: bool = False,
                  backbone: str | None = None, weights: str | None = None,
                  freeze_backbone: bool = False, input_size: int | str | None = "auto",
-                 residual: bool = False) -> None:
+                 residual: bool = False, test_flip: bool = False) -> None:
         super().__init__()
         self.frozen = freeze_backbone and bool(backbone)
+        self.test_flip = test_flip
         if backbone:
             from trainer.models.pretrained import backbone as pretrained
 
@@ -57,7 +60,10 @@ class CNN(nn.Module):
                                   nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, num_classes))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))
+        logits = self.head(self.features(images))
+        if self.test_flip and not self.training:
+            logits = (logits + self.head(self.features(images.flip(-1)))) / 2
+        return logits
 
     def train(self, mode: bool = True) -> CNN:
         super().train(mode)
