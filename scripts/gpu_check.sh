@@ -9,6 +9,8 @@
 #   scripts/gpu_check.sh [MNIST_ROOT]   MNIST_ROOT/MNIST/raw holds the four MNIST files (default
 #                                       data, the folder `train data=mnist` downloads to)
 #   SMOKE=1 scripts/gpu_check.sh        the same steps, tiny and on the CPU: checks the script
+# Needs the project installed as the README says (on a bare GPU machine with torch: pip install
+# the hydra-core, omegaconf and antlr4 wheels, then pip install --no-deps -e .).
 set -euo pipefail
 root=${1:-data}
 out=${OUT:-/tmp/gpu_check}

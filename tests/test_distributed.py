@@ -111,6 +111,7 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     ["model=rnn", "model.cell=gru", "model.bidirectional=true"],
     ["model=transformer", "model.pool=cls", "model.rotary=true"],
     ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
+    ["model.residual=true", "model.test_flip=true", "data.augment=crop"],  # channels-last too
 ])
 def test_each_architecture_option_trains_under_ddp(tmp_path, options):
     result = run_cli("train", "debug=fast", "device=cpu", "device.count=2", *options,

@@ -94,7 +94,10 @@ def test_every_model_exports_to_every_format(trained, model):
         assert torch.allclose(torch.export.load(folder / "model.pt2").module()(inputs), expected,
                               atol=1e-4)
         assert torch.allclose(onnx_outputs(folder / "model.onnx", inputs), expected, atol=1e-4)
-        assert torch.equal(safetensors_model(folder)(inputs), expected)
+        # The same weights; the reference runs channels-last (device.channels_last=auto), whose
+        # convolutions sum in another order.
+        torch.testing.assert_close(safetensors_model(folder)(inputs), expected, rtol=1e-5,
+                                   atol=1e-6)
     described = json.loads((folder / "export.json").read_text())
     assert set(described["formats"]) == {"torch_export", "onnx", "safetensors"}
     if model == "transformer":  # any length up to the context, in ONNX too
