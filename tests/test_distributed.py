@@ -112,6 +112,8 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     ["model=transformer", "model.pool=cls", "model.rotary=true"],
     ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
     ["model.residual=true", "model.test_flip=true", "data.augment=crop"],  # channels-last too
+    # Sharded, a VAE's evaluation and prior samples call encode and decode outside forward.
+    ["model=autoencoder", "model.conv=true", "model.variational=true", "device.strategy=fsdp"],
 ])
 def test_each_architecture_option_trains_under_ddp(tmp_path, options):
     result = run_cli("train", "debug=fast", "device=cpu", "device.count=2", *options,
