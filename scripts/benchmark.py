@@ -29,6 +29,7 @@ from torch import nn
 from trainer import loop
 from trainer.cli import CONFIG_DIR
 from trainer.data import train_batches
+from trainer.logging import build_loggers
 from trainer.signals import StopRequest
 
 MODELS = ["cnn", "rnn", "transformer", "gan", "autoencoder"]
@@ -72,7 +73,7 @@ def trainer_loop(cfg: Any, run_dir: Path) -> tuple[float, int, float]:
     """(seconds of training, samples, peak MB) of `loop.fit` for cfg.trainer.max_steps steps."""
     s = loop.build(cfg)
     run = loop.prepare(s, run_dir)
-    run.logger = loop.instantiate(cfg.logger, run_dir=run_dir, purge_step=1)
+    run.logger = build_loggers(cfg.logger, run_dir, purge_step=1)
     in_validation = [0.0]
     real_validation = loop.validation
 
