@@ -93,3 +93,18 @@ def test_precision_auto_is_bf16_on_modern_gpus_16_on_older_ones_and_32_on_the_cp
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True,
                             native=native: native and not including_emulation)
         assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+
+
+def test_tf32_is_set_so_that_torch_compile_can_still_read_it():
+    import torch
+
+    from trainer.distributed import enable_tf32
+
+    try:
+        enable_tf32()
+        # inductor reads the legacy setting; the newer fp32_precision API makes this raise
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")

@@ -215,11 +215,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def enable_tf32() -> None:
-    """float32 matmuls and convolutions that stay in float32 (outside autocast, or all of them
-    with precision 32) run on TensorFloat-32 tensor cores: 10-bit mantissa inputs, float32 sums,
-    several times the float32 rate; Lightning, torchtitan and nanoGPT train so."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    """float32 matmuls that stay in float32 (outside autocast, or all of them with precision 32)
+    run on TensorFloat-32 tensor cores: 10-bit mantissa inputs, float32 sums, several times the
+    float32 rate; Lightning, torchtitan and nanoGPT train so. cuDNN's convolutions already do by
+    default. The legacy call, not `torch.backends.cuda.matmul.fp32_precision`: once that is set,
+    torch.get_float32_matmul_precision() raises, and torch.compile's inductor calls it."""
+    torch.set_float32_matmul_precision("high")
 
 
 def runtime(device_cfg: DictConfig) -> Runtime:
