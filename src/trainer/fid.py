@@ -37,12 +37,11 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 @torch.no_grad()
 def gan_fid(s: Any, features_run: str, seed: int = 0) -> float:
     """FID of the GAN in Setup `s` against its test images, with `features_run`'s classifier."""
+    from trainer.tasks.classification import Classification
     from trainer.use import restored_run
 
     classifier = restored_run(OmegaConf.create({"run_dir": features_run, "checkpoint": "best",
                                                 "device": str(s.rt.device)}))
-    from trainer.tasks.classification import Classification
-
     if classifier.data.spec.in_shape != s.data.spec.in_shape or \
             not isinstance(classifier.task, Classification):
         raise UserError(f"fid_features={features_run} is not a classifier of "

@@ -126,9 +126,9 @@ def prepare(s: Setup, run_dir: Path) -> Run:
     """Optimizers, schedulers and scaler for the model (sharded first under FSDP)."""
     rt, data, tc = s.rt, s.data, s.cfg.trainer
     rt.shard(s.model)
-    optimizer = instantiate(s.cfg.optimizer)
-    optimizers = [call(optimizer, decay_groups(entry, s.model), **device_options(optimizer,
-                                                                                rt.device))
+    make_optimizer = instantiate(s.cfg.optimizer)  # a partial: the parameters come next
+    options = device_options(make_optimizer, rt.device)
+    optimizers = [call(make_optimizer, decay_groups(entry, s.model), **options)
                   for entry in s.task.param_groups(s.model)]
     per_step = data.batch_size * rt.world * tc.accumulate
     steps_per_epoch = len(data.train) // per_step

@@ -74,7 +74,7 @@ class Transformer(nn.Module):
                    _torch_init(module))
         if tied:
             self.head.weight = self.embed.weight
-        self._register_load_state_dict_pre_hook(_renamed_from_encoder_layers)
+        self.register_load_state_dict_pre_hook(_renamed_from_encoder_layers)
 
     def forward(self, inputs: Tensor) -> Tensor:
         x = self._embedded(inputs, start=0)
@@ -175,6 +175,11 @@ def _torch_init(module: nn.Module) -> None:
         nn.init.xavier_uniform_(module.qkv.weight)
         nn.init.zeros_(module.qkv.bias)
         nn.init.zeros_(module.proj.bias)
+    _init_tables(module)
+
+
+def _init_tables(module: nn.Module) -> None:
+    """Position table and class token: normal(0, 0.02) under either init."""
     if isinstance(module, Transformer):
         for table in (module.position, module.class_token):
             if table is not None:
@@ -189,10 +194,7 @@ def _gpt2_init(module: nn.Module, depth: int) -> None:
     if isinstance(module, Block):  # residual projections: the sum of 2 * depth of them
         for layer in (module.proj, module.out):
             nn.init.normal_(layer.weight, std=0.02 / (2 * depth) ** 0.5)
-    if isinstance(module, Transformer):
-        for table in (module.position, module.class_token):
-            if table is not None:
-                nn.init.normal_(table, std=0.02)
+    _init_tables(module)
 
 
 # Checkpoints written before the block was our own held nn.TransformerEncoder's names.
@@ -202,7 +204,8 @@ _OLD_NAMES = {"self_attn.in_proj_weight": "qkv.weight", "self_attn.in_proj_bias"
               "linear2.weight": "out.weight", "linear2.bias": "out.bias"}
 
 
-def _renamed_from_encoder_layers(state: dict, prefix: str, *args: object) -> None:
+def _renamed_from_encoder_layers(module: nn.Module, state: dict, prefix: str, *args: object
+                                 ) -> None:
     for key in [k for k in state if k.startswith(prefix + "blocks.")]:
         rest = key[len(prefix + "blocks."):]
         if rest.startswith("norm."):
