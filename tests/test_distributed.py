@@ -111,7 +111,8 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     ["model=rnn", "model.cell=gru", "model.bidirectional=true"],
     ["model=transformer", "model.pool=cls", "model.rotary=true"],
     ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
-    ["model.residual=true", "model.test_flip=true", "data.augment=crop"],  # channels-last too
+    ["model.residual=true", "model.test_flip=true", "data.augment=crop",  # channels-last too
+     "model.whiten=true", "trainer.ema_decay=0.9", "trainer.label_smoothing=0.1"],
     # Sharded, a VAE's evaluation and prior samples call encode and decode outside forward.
     ["model=autoencoder", "model.conv=true", "model.variational=true", "device.strategy=fsdp"],
 ])

@@ -34,6 +34,10 @@ from conftest import assert_clean_error, run_cli
                                                   "momentum"]),
     (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
+    (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
+    (["model=gan", "trainer.label_smoothing=0.1"],
+     ["trainer.label_smoothing=0.1 applies to classification only"]),
+    (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
     assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)

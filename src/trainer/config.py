@@ -57,6 +57,9 @@ class TrainerConfig:
     patience: int = 0
     eval_batches: int | None = None
     progress: bool = True
+    label_smoothing: float = 0.0  # classification: each target's share spread over the classes
+    ema_decay: float | None = None  # validate and hand on an average of the weights
+    ema_every: int = 1  # optimizer steps between updates of the average
 
 
 @dataclass
@@ -113,6 +116,9 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
     ("trainer.skip_nonfinite", lambda v: v >= 0, ">= 0"),
     ("trainer.patience", lambda v: v >= 0, ">= 0"),
+    ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("trainer.ema_decay", lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
+    ("trainer.ema_every", lambda v: v >= 1, ">= 1"),
     ("trainer.max_validations", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("device.count", lambda v: v >= 1, ">= 1"),
@@ -150,6 +156,10 @@ def validate(cfg: DictConfig) -> None:
     if sharded and str(cfg.device.channels_last).lower() == "true":
         raise UserError("device.channels_last=true cannot be used with device.strategy=fsdp "
                         "(FSDP2 shards contiguous parameters only): use auto or false")
+    if sharded and cfg.trainer.get("ema_decay"):
+        raise UserError(f"trainer.ema_decay={cfg.trainer.ema_decay} cannot be used with "
+                        "device.strategy=fsdp (each rank holds a shard of the weights, not a "
+                        "copy to average): use device.strategy=ddp or ema_decay=null")
     for key, test, accepted in RANGES:
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
+from trainer.averaging import WeightAverage
 from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
@@ -62,8 +63,9 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     data = data or instantiate(cfg.data, seed=cfg.seed)
     if rt.is_main:
         rt.barrier()
-    task = task_for(cfg.model, data.spec)
+    task = task_for(cfg.model, data.spec, cfg.trainer.get("label_smoothing", 0.0))
     model = task.build_model(cfg.model, data.spec)
+    task.fit_to_data(model, data.train)
     torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
     model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))
     return Setup(cfg, rt, data.to(rt.device), task, model)
@@ -79,6 +81,7 @@ class Run:
     schedulers: list[Any]
     scaler: torch.amp.GradScaler
     step_model: Any  # what the training step calls: the model, wrapped for DDP and compile
+    average: WeightAverage | None  # trainer.ema_decay: the weights validation measures
     tc: SimpleNamespace  # cfg.trainer as plain attributes: a config lookup costs microseconds
     steps_per_epoch: int
     total_steps: int
@@ -89,6 +92,11 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def measured(self) -> nn.Module:
+        """What validation measures and the checkpoints hand on as their model."""
+        return self.average.model if self.average else self.s.model
 
     @property
     def epochs_per_validation(self) -> int:
@@ -145,7 +153,9 @@ def prepare(s: Setup, run_dir: Path) -> Run:
         wrapped = rt.wrap(module)
         return torch.compile(wrapped) if s.cfg.device.compile else wrapped
 
-    return Run(s, run_dir, optimizers, schedulers, scaler, s.task.distribute(s.model, wrap),
+    step_model = s.task.distribute(s.model, wrap)
+    average = WeightAverage(s.model, tc.ema_decay, tc.ema_every) if tc.ema_decay else None
+    return Run(s, run_dir, optimizers, schedulers, scaler, step_model, average,
                SimpleNamespace(**OmegaConf.to_container(tc, resolve=True)), steps_per_epoch,
                total_steps)
 
@@ -200,6 +210,8 @@ def advance(run: Run, logs: dict[str, Tensor], micro_batches: list[Batch],
     for key, value in logs.items():  # summed at the next report, one op per key
         running.setdefault(key, []).append(value)
     progress.step += 1
+    if run.average:
+        run.average.update(progress.step)
     progress.batch += tc.accumulate
     meter.steps += 1
     meter.samples += sum(run.s.task.count(b) for b in micro_batches) * run.s.rt.world
@@ -230,12 +242,13 @@ def validation(run: Run, monitor: str | None, mode: str) -> bool:
     """Measure the validation split, show samples, save last.pt (and best.pt when it improved).
     Returns whether early stopping ends the run."""
     s, progress, tc = run.s, run.progress, run.tc
-    val = evaluate_split(s, s.data.val, tc.eval_batches, prefix="val")
+    measured = run.measured
+    val = evaluate_split(replace(s, model=measured), s.data.val, tc.eval_batches, prefix="val")
     _check_finite(val["val/loss"], progress.step, s.cfg, run.run_dir)
     run.logger.scalars(val, progress.step)
-    s.model.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
-    s.task.show(s.model, s.data.val, run.logger, progress.step)
-    s.model.train()
+    measured.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
+    s.task.show(measured, s.data.val, run.logger, progress.step)
+    measured.train()
     improved = _improved(val, monitor, mode, progress)
     if improved:  # best.pt first: a run killed between the two writes redoes this validation
         save(run, "best", val)

@@ -1,6 +1,6 @@
-"""A run's whole state to and from its checkpoints: weights, optimizer and scheduler states,
-scaler, progress, every rank's random generators, the config and what the data meant. Resuming
-from what `save` wrote continues the run bit for bit."""
+"""A run's whole state to and from its checkpoints: weights (and their average), optimizer and
+scheduler states, scaler, progress, every rank's random generators, the config and what the data
+meant. Resuming from what `save` wrote continues the run bit for bit."""
 
 from __future__ import annotations
 
@@ -38,13 +38,17 @@ def save(run: Run, name: str, metrics: dict[str, float]) -> None:
     """Write checkpoints/<name>.pt; last.pt also keeps trainer.keep_last step-NNNNNN.pt copies.
     Every rank takes part: under FSDP gathering the full state is a collective."""
     rt, model = run.s.rt, run.s.model
-    model_state = rt.model_state(model)
+    # `model` holds what validation measured (the weight average, when there is one): the
+    # weights evaluate, predict and export use. The trained weights then go beside it.
+    model_state = rt.model_state(run.measured)
+    trained = {"training_model": rt.model_state(model)} if run.average else {}
     optimizer_states = [rt.optimizer_state(model, o) for o in run.optimizers]
     rng = rt.gather(checkpoint.rng_state(rt.device))
     if rt.is_main:
         path = run.checkpoints / f"{name}.pt"
         checkpoint.save(path, {
             "model": model_state,
+            **trained,
             "optimizers": optimizer_states,
             "schedulers": [s.state_dict() for s in run.schedulers],
             "scaler": run.scaler.state_dict(),
@@ -66,7 +70,9 @@ def restore(run: Run, source: Path) -> None:
     rt, model = run.s.rt, run.s.model
     state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
     with checkpoint.reported_as_mismatch(source):
-        rt.load_model_state(model, state["model"])
+        rt.load_model_state(model, state.get("training_model", state["model"]))
+        if run.average:  # a run that had no average starts one from its weights
+            run.average.load_state_dict(state["model"])
         entries = run.s.task.param_groups(model)
         for optimizer, scheduler, saved, saved_schedule, entry in zip(
                 run.optimizers, run.schedulers, state["optimizers"], state["schedulers"],

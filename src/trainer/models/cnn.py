@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import UserError
@@ -18,17 +20,22 @@ class CNN(nn.Module):
     `freeze_backbone` trains the new classifier alone, the backbone's batch norm statistics
     frozen too. With `test_flip`, evaluation (and predict and export) scores each image and its
     mirror and averages the two (airbench's test-time augmentation): for data a mirror keeps in
-    its class, such as clothes and photos; not digits.
+    its class, such as clothes and photos; not digits. With `whiten` (residual only), the ResNet
+    first sees its input through a `Whitening` layer fitted to the training images.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 32,
                  depth: int = 2, dropout: float = 0.1, batch_norm: bool = False,
                  backbone: str | None = None, weights: str | None = None,
                  freeze_backbone: bool = False, input_size: int | str | None = "auto",
-                 residual: bool = False, test_flip: bool = False) -> None:
+                 residual: bool = False, test_flip: bool = False, whiten: bool = False) -> None:
         super().__init__()
         self.frozen = freeze_backbone and bool(backbone)
         self.test_flip = test_flip
+        self.whitening: Whitening | None = None  # set from the data by `Whitening.fit`
+        if whiten and (backbone or not residual):
+            raise UserError("model.whiten=true needs model.residual=true and no model.backbone "
+                            "(it replaces the ResNet's first layer)")
         if backbone:
             from trainer.models.pretrained import backbone as pretrained
 
@@ -40,6 +47,11 @@ class CNN(nn.Module):
         channels, height, width_px = in_shape
         if residual:
             self.features = _residual_stages(channels, width, depth)
+            if whiten:
+                self.whitening = Whitening(channels)
+                stem = nn.Conv2d(self.whitening.out_channels, width, 3, padding=1, bias=False)
+                self.features = nn.Sequential(self.whitening, nn.GELU(), stem,
+                                              *self.features[1:])
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                       nn.Linear(width * 2 ** (depth - 1), num_classes))
             return
@@ -97,3 +109,34 @@ def _residual_stages(channels: int, width: int, depth: int) -> nn.Sequential:
         layers += [ResidualBlock(inputs, outputs, 1 if stage == 0 else 2),
                    ResidualBlock(outputs, outputs, 1)]
     return nn.Sequential(*layers)
+
+
+class Whitening(nn.Conv2d):
+    """A 2x2 convolution whose filters whiten the training images' 2x2 patches (airbench's first
+    layer): each output is one principal direction of the patches, centred and scaled to unit
+    variance, given twice with opposite signs so the next ReLU-like layer keeps both halves.
+    `fit` sets the weights from data; they stay fixed, the bias trains."""
+
+    def __init__(self, channels: int, kernel: int = 2) -> None:
+        size = channels * kernel * kernel
+        super().__init__(channels, 2 * size, kernel, bias=True)
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def fit(self, images: Tensor, floor: float = 1e-4) -> None:
+        """`images`: (N, C, H, W) floats. Directions whose variance is below `floor` times the
+        largest are scaled as if they had that much, so a flat background is not blown up."""
+        size = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        total, products, count = torch.zeros(size).double(), torch.zeros(size, size).double(), 0
+        for chunk in images.split(256):  # all patches at once would take gigabytes
+            patches = F.unfold(chunk.double(), self.kernel_size)  # (N, C*k*k, positions)
+            patches = patches.transpose(1, 2).reshape(-1, size)
+            total, products = total + patches.sum(0), products + patches.T @ patches
+            count += len(patches)
+        mean = total / count
+        variances, directions = torch.linalg.eigh(products / count - mean.outer(mean))
+        scale = variances.clamp(min=floor * variances.max()).rsqrt()
+        filters = (directions * scale).T.flip(0)  # one row per direction, the largest first
+        weight = torch.cat([filters, -filters]).to(self.weight.dtype)
+        self.weight.copy_(weight.reshape(self.weight.shape))
+        self.bias.copy_(-(weight @ mean.to(weight.dtype)))

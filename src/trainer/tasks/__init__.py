@@ -37,6 +37,10 @@ class Task:
     def build_model(self, cfg: DictConfig, spec: DataSpec) -> nn.Module:
         return instantiate(cfg, **self.model_sizes(spec))
 
+    def fit_to_data(self, model: nn.Module, train: Split) -> None:
+        """Set what the model initialises from the training data, before training. Nothing by
+        default."""
+
     def param_groups(self, model: nn.Module) -> list[list[Any]]:
         """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
         return [list(model.parameters())]
@@ -70,8 +74,9 @@ class Task:
         return model, split.batch(index)[0]
 
 
-def task_for(model_cfg: DictConfig, spec: DataSpec) -> Task:
-    """The task for this model and data, or a UserError naming the data the model accepts."""
+def task_for(model_cfg: DictConfig, spec: DataSpec, label_smoothing: float = 0.0) -> Task:
+    """The task for this model and data, or a UserError naming the data the model accepts (or
+    saying that `label_smoothing`, a classification option, does not apply)."""
     from trainer.models.autoencoder import Autoencoder
     from trainer.models.cnn import CNN
     from trainer.models.gan import GAN
@@ -94,6 +99,12 @@ def task_for(model_cfg: DictConfig, spec: DataSpec) -> Task:
     model_class = get_class(model_cfg._target_)
     for (known, kind), task in matrix.items():
         if issubclass(model_class, known) and kind == spec.kind:
+            if task is Classification:
+                return Classification(label_smoothing)
+            if label_smoothing:
+                raise UserError(f"trainer.label_smoothing={label_smoothing} applies to "
+                                f"classification only, and model={model_class.__name__.lower()} "
+                                f"on {kind} data is not a classifier: set it to 0")
             return task()
     kinds = sorted({kind for known, kind in matrix if issubclass(model_class, known)})
     if not kinds:
