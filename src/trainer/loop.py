@@ -153,8 +153,10 @@ def prepare(s: Setup, run_dir: Path) -> Run:
         wrapped = rt.wrap(module)
         return torch.compile(wrapped) if s.cfg.device.compile else wrapped
 
-    step_model = s.task.distribute(s.model, wrap)
+    # The average copies the bare model, before DDP's hooks and SyncBatchNorm (whose layers
+    # share the model's tensors, so the average still follows them).
     average = WeightAverage(s.model, tc.ema_decay, tc.ema_every) if tc.ema_decay else None
+    step_model = s.task.distribute(s.model, wrap)
     return Run(s, run_dir, optimizers, schedulers, scaler, step_model, average,
                SimpleNamespace(**OmegaConf.to_container(tc, resolve=True)), steps_per_epoch,
                total_steps)
