@@ -1,19 +1,21 @@
 """Training-step time of the convolutional models in each memory layout and precision, on this
 machine's CPU (or `--device cuda`): what device.channels_last=auto and device.precision=bf16 buy.
 
-    python scripts/benchmark_conv_layout.py [--device cpu] [--steps 12]
+    python scripts/benchmark_conv_layout.py [--device cpu] [--steps 12] [--json FILE]
 
-Each case trains its own copy of the model (AdamW, batch 128, 28x28 grey images) for `steps`
-steps; the median step after two warm-up steps is reported, cases interleaved round by round so
-the machine's drift falls on all of them alike.
+Each case trains its own copy of the model (AdamW, batch 128, the preset's image size) for
+`steps` steps; the median step after two warm-up steps is reported, cases interleaved round by
+round so the machine's drift falls on all of them alike. scripts/gpu_check.sh runs it on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,16 @@ from trainer.models.autoencoder import Autoencoder
 from trainer.models.cnn import CNN
 from trainer.models.gan import GAN
 
-MODELS = {
-    "resnet (resnet_fashion_mnist)": lambda: CNN((1, 28, 28), 10, width=32, depth=3,
-                                                 residual=True),
-    "cnn with batch norm (cnn_mnist)": lambda: CNN((1, 28, 28), 10, width=32, depth=2,
-                                                   batch_norm=True),
-    "conv autoencoder (vae_mnist's shape)": lambda: Autoencoder((1, 28, 28), conv=True),
-    "dcgan generator (dcgan_mnist)": lambda: GAN((1, 28, 28), conv=True, width=64).generator,
+GREY, COLOUR = (1, 28, 28), (3, 32, 32)
+MODELS = {  # name: (the model, the images it takes)
+    "resnet (resnet_fashion_mnist)": (lambda: CNN(GREY, 10, width=32, depth=3, residual=True),
+                                      GREY),
+    "cnn with batch norm (cnn_mnist)": (lambda: CNN(GREY, 10, width=32, depth=2,
+                                                    batch_norm=True), GREY),
+    "conv autoencoder (vae_mnist's shape)": (lambda: Autoencoder(GREY, conv=True), GREY),
+    "dcgan generator (dcgan_mnist)": (lambda: GAN(GREY, conv=True, width=64).generator, GREY),
+    "whitened resnet (airbench_cifar10)": (lambda: CNN(COLOUR, 10, width=64, depth=3,
+                                                       residual=True, whiten=True), COLOUR),
 }
 
 
@@ -45,15 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--json", help="also write the table to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    images = torch.randn(128, 1, 28, 28, device=device)
+    batches = {shape: torch.randn(128, *shape, device=device) for shape in (GREY, COLOUR)}
     labels = torch.randint(0, 10, (128,), device=device)
     cases = list(itertools.product(MODELS, (False, True), ("32", "bf16")))
     runs = {}
     for name, channels_last, precision in cases:
         torch.manual_seed(0)
-        model = MODELS[name]().to(device)
+        model = MODELS[name][0]().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         runs[name, channels_last, precision] = (model, torch.optim.AdamW(model.parameters()), [])
@@ -61,7 +67,7 @@ def main() -> None:
         for (name, _, precision), (model, optimizer, times) in runs.items():
             start = time.perf_counter()
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                loss = loss_of(name, model, images, labels)
+                loss = loss_of(name, model, batches[MODELS[name][1]], labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -69,11 +75,16 @@ def main() -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     print(f"{'model':38} {'layout':14} {'precision':9} {'ms/step':>8} {'speed-up':>8}")
+    table = []
     for (name, channels_last, precision), (_, _, times) in runs.items():
         ms = 1000 * statistics.median(times[2:])
         base = 1000 * statistics.median(runs[name, False, "32"][2][2:])
         layout = "channels_last" if channels_last else "contiguous"
-        print(f"{name:38} {layout:14} {precision:9} {ms:8.0f} {base / ms:7.2f}x")
+        print(f"{name:38} {layout:14} {precision:9} {ms:8.1f} {base / ms:7.2f}x")
+        table.append({"model": name, "layout": layout, "precision": precision,
+                      "ms_per_step": round(ms, 2), "speed_up": round(base / ms, 3)})
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

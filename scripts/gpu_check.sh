@@ -3,7 +3,9 @@
 #   1. every architecture trains a few steps in bf16 with torch.compile, and no step recompiles;
 #   2. MNIST to 99% test accuracy with the data on the GPU (target: 2 s of training or less);
 #   3. a GPT-2-small shape (12 layers, 12 heads, 768 wide, context 1024): MFU (target: 40% or
-#      more on an H100/H200-class GPU).
+#      more on an H100/H200-class GPU);
+#   4. the convolutional models' step in each memory layout and precision: what
+#      device.channels_last=auto and bf16 buy on CUDA (issue #8), airbench_cifar10's ResNet too.
 # Figures go to stdout and to $OUT/gpu_check.json; record them in BENCHMARKS.md with the date.
 #
 #   scripts/gpu_check.sh [MNIST_ROOT]   MNIST_ROOT/MNIST/raw holds the four MNIST files (default
@@ -18,9 +20,11 @@ mkdir -p "$out"
 if [[ ${SMOKE:-0} == 1 ]]; then
   device=(device=cpu device.compile=false); steps=4; gpt=(model.width=32 model.depth=1
   model.heads=2 data.block_size=32 data.batch_size=4); mnist=(trainer.max_steps=20)
+  layout=(--device cpu --steps 3)
 else
   device=(device=cuda device.compile=true); steps=30; gpt=(model.width=768 model.depth=12
   model.heads=12 data.block_size=1024 data.batch_size=16); mnist=()
+  layout=(--device cuda --steps 30)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -48,5 +52,8 @@ echo "== 3. GPT-2-small shape: 12 layers, 12 heads, 768 wide, context 1024, batc
 train model=transformer data=text "data.path=$out/text.txt" "${gpt[@]}" "${device[@]}" \
   "${quiet[@]}" trainer.max_steps=$((steps * 2)) trainer.log_every=10 trainer.val_every=1000 \
   trainer.eval_batches=2 "hydra.run.dir=$out/gpt2" 2> "$out/gpt2.log"
+
+echo "== 4. convolutions: contiguous and channels-last, float32 and bf16"
+python scripts/benchmark_conv_layout.py "${layout[@]}" --json "$out/conv_layout.json"
 
 python scripts/gpu_check_report.py "$out"

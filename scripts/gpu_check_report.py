@@ -47,6 +47,9 @@ def main(out: Path) -> None:
         else:
             recompiles = (out / f"{run.name}.log").read_text().count("Recompiling")
             report["architectures"][run.name] = {**metrics, "recompiles": recompiles}
+    layouts = out / "conv_layout.json"  # scripts/benchmark_conv_layout.py's table
+    if layouts.exists():
+        report["conv_layout"] = json.loads(layouts.read_text())
     print(json.dumps(report, indent=2))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
