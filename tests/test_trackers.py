@@ -62,6 +62,26 @@ def test_mlflow_beside_tensorboard_and_resumed_into_the_same_run(tmp_path, monke
     assert "test/mse" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
+def test_a_run_resumed_from_an_older_checkpoint_logs_each_step_once_to_mlflow(tmp_path,
+                                                                             monkeypatch):
+    from trainer.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    common = ["debug=fast", "logger=[mlflow]", f"logger.mlflow.tracking_uri={uri}",
+              "trainer.checkpoint_every=2", "trainer.keep_last=4"]
+    train(compose_train(*common), run)  # logs steps 2, 4 and 6
+    client, found = mlflow_run(run, uri)
+    before = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "train/loss")}
+    # As if killed after step 6 with its last checkpoint at step 2: steps 4 and 6 come again.
+    train(compose_train(*common, f"resume={run / 'checkpoints' / 'step-000002.pt'}"), run)
+    after = client.get_metric_history(found.info.run_id, "train/loss")
+    assert sorted(m.step for m in after) == [2, 4, 6]
+    assert {m.step: m.value for m in after} == before
+
+
 def wandb_records(run_dir):
     """(history rows, summary, config keys, run name) of the offline W&B run in run_dir."""
     from wandb.proto import wandb_internal_pb2

@@ -43,9 +43,12 @@ class MLflowLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         record = self.run_dir / "mlflow.json"
         resumed = purge_step and purge_step > 1 and record.is_file()
+        self.logged_to: dict[str, int] = {}  # each metric's last step already in the run
         if resumed:
             self.run_id = json.loads(record.read_text())["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_to = {key: max(m.step for m in self.client.get_metric_history(
+                self.run_id, key)) for key in self.client.get_run(self.run_id).data.metrics}
         else:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else \
@@ -61,7 +64,11 @@ class MLflowLogger:
         from mlflow.entities import Metric
 
         now = _milliseconds()
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        # MLflow cannot delete points, so where TensorBoard purges what a killed run logged after
+        # its last checkpoint, the resumed run keeps those points (the same values, resumed
+        # exactly) rather than adding a second one at each step.
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
+                 if step > self.logged_to.get(key, -1)]
         for start in range(0, len(batch), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
