@@ -47,8 +47,5 @@ class WeightAverage:
         for averaged, current in self._others:
             averaged.copy_(current)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.model.state_dict()
-
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)

@@ -70,6 +70,7 @@ def restore(run: Run, source: Path) -> None:
     rt, model = run.s.rt, run.s.model
     state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
     with checkpoint.reported_as_mismatch(source):
+        # The weights as trained: beside the average in a run that kept one, else `model`.
         rt.load_model_state(model, state.get("training_model", state["model"]))
         if run.average:  # a run that had no average starts one from its weights
             run.average.load_state_dict(state["model"])
