@@ -121,7 +121,9 @@ def test_a_whitened_resnet_trains_its_whitening_bias_but_not_its_filters(tmp_pat
     trained = checkpoint(tmp_path / "run")["model"]
     from trainer.loop import build
 
-    fitted = build(compose_train(*common)).model.whitening  # fitted again, before any step
+    s = build(compose_train(*common))
+    s.task.fit_to_data(s.model, s.data.train)  # fitted again, as train does before any step
+    fitted = s.model.whitening
     assert metrics["test/acc"] > 0.5
     assert torch.equal(trained["features.0.weight"], fitted.weight)
     assert not torch.equal(trained["features.0.bias"], fitted.bias)

@@ -194,9 +194,9 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
 def memory_format(setting: bool | str, rt: Runtime, model: nn.Module) -> torch.memory_format:
     """device.channels_last: `auto` is channels-last for a model with 2-d convolutions on CUDA or
     the CPU, where cuDNN and oneDNN run them faster in that layout (the ResNet preset's step:
-    1.3x in float32 and in bf16 on a 2-core CPU; BENCHMARKS.md), unless FSDP shards it: FSDP2 takes
-    contiguous parameters only. A convolution whose weight is channels-last makes its output
-    so, so the inputs need no change."""
+    1.25-1.3x in float32 and in bf16 on a 2-core CPU; BENCHMARKS.md), unless FSDP shards it:
+    FSDP2 takes contiguous parameters only. A convolution whose weight is channels-last makes its
+    output so, so the inputs need no change."""
     wanted = str(setting).lower() == "true"
     if setting == "auto":
         convolutional = any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())

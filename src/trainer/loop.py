@@ -65,7 +65,6 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
         rt.barrier()
     task = task_for(cfg.model, data.spec, cfg.trainer.get("label_smoothing", 0.0))
     model = task.build_model(cfg.model, data.spec)
-    task.fit_to_data(model, data.train)
     torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
     model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))
     return Setup(cfg, rt, data.to(rt.device), task, model)
@@ -114,6 +113,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
     s = build(cfg)
+    if not cfg.resume:  # before the weight average copies the model; a checkpoint holds the fit
+        s.task.fit_to_data(s.model, s.data.train)
     run = prepare(s, Path(s.rt.share(str(run_dir))))
     if cfg.resume:
         restore(run, checkpoint.resume_path(cfg.resume))

@@ -129,8 +129,9 @@ class Whitening(nn.Conv2d):
         size = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         total, products, count = torch.zeros(size).double(), torch.zeros(size, size).double(), 0
         for chunk in images.split(256):  # all patches at once would take gigabytes
-            patches = F.unfold(chunk.double(), self.kernel_size)  # (N, C*k*k, positions)
-            patches = patches.transpose(1, 2).reshape(-1, size)
+            # float64 on the CPU: sums over millions of patches (MPS has no float64)
+            patches = F.unfold(chunk.to('cpu', torch.float64), self.kernel_size)
+            patches = patches.transpose(1, 2).reshape(-1, size)  # (N * positions, C*k*k)
             total, products = total + patches.sum(0), products + patches.T @ patches
             count += len(patches)
         mean = total / count
@@ -138,5 +139,5 @@ class Whitening(nn.Conv2d):
         scale = variances.clamp(min=floor * variances.max()).rsqrt()
         filters = (directions * scale).T.flip(0)  # one row per direction, the largest first
         weight = torch.cat([filters, -filters]).to(self.weight.dtype)
-        self.weight.copy_(weight.reshape(self.weight.shape))
+        self.weight.copy_(weight.reshape(self.weight.shape))  # copy_ moves it to the device
         self.bias.copy_(-(weight @ mean.to(weight.dtype)))

@@ -38,8 +38,8 @@ class Task:
         return instantiate(cfg, **self.model_sizes(spec))
 
     def fit_to_data(self, model: nn.Module, train: Split) -> None:
-        """Set what the model initialises from the training data, before training. Nothing by
-        default."""
+        """Set what the model initialises from the training data, before a fresh run's first
+        step (a resumed run's checkpoint holds it). Nothing by default."""
 
     def param_groups(self, model: nn.Module) -> list[list[Any]]:
         """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
