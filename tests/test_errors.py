@@ -9,11 +9,18 @@ from conftest import assert_clean_error, run_cli
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (["model=resnet"], ["model/resnet", "autoencoder", "transformer"]),
-    (["data=imagenet"], ["data/imagenet", "digits", "shakespeare"]),
-    (["optimizer=lion"], ["optimizer/lion", "adamw", "sgd"]),
-    (["trainer.epoch=3"], ["trainer.epoch"]),
+    (["model=resnet"], ["error: model=resnet is not an option; choose one of autoencoder, cnn"]),
+    (["data=imagenet"], ["data=imagenet is not an option", "digits", "shakespeare"]),
+    (["optimizer=lion"], ["optimizer=lion is not an option", "adam, adamw, sgd"]),
+    (["logger=[tensorboard,tb]"], ["logger=tb is not an option", "none, tensorboard, wandb"]),
+    (["trainer.epoch=3"], ["unknown key trainer.epoch (did you mean trainer.epochs?); accepted: "
+                           "epochs, max_steps"]),
+    (["model.widht=3"], ["unknown key model.widht (did you mean model.width?)", "depth"]),
+    (["modle=rnn"], ["unknown key modle (did you mean model?); accepted: model, data",
+                     "experiment"]),
     (["trainer.epochs=many"], ["trainer.epochs=many", "Integer"]),
+    (["model=cnn,rnn"], ["Ambiguous value for argument 'model=cnn,rnn'", "--multirun"]),
+    (["model=["], ["the command line cannot be parsed"]),
     (["optimizer.lr=-0.1"], ["error: optimizer.lr=-0.1 is out of range: it must be > 0"]),
     (["optimizer.lr=0"], ["optimizer.lr=0 is out of range"]),
     (["data.batch_size=0"], ["data.batch_size=0 is out of range: it must be >= 1"]),

@@ -53,18 +53,35 @@ def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
 
 
 @pytest.mark.slow
+def test_predict_reads_a_list_of_paths_relative_to_the_list(tmp_path, finished_run, test_images):
+    names = sorted(p.relative_to(test_images) for p in test_images.rglob("*.png"))[:3]
+    (test_images / "three.txt").write_text("".join(f"{name}\n" for name in names))
+    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={test_images / 'three.txt'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["path"] for row in rows] == [str(test_images / name) for name in names]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "fragment"), [
     (["inputs=nowhere"], "inputs='nowhere' does not exist"),
-    (["inputs=notes.md"], "notes.md is not a readable image"),
+    (["inputs=notes.md", "outputs=labels.csv"], "notes.md is not a readable image"),
     (["inputs=empty"], "inputs='empty' holds no images"),
     ([], "inputs=PATH is required"),
     (["inputs=notes.md", "top_k=0"], "top_k=0 is out of range: it must be >= 1"),
+    (["inputs=list.txt"], "list.txt line 2: 'missing.png' does not exist"),
+    (["inputs=notes.md", "chekpoint=last"], "unknown key chekpoint (did you mean checkpoint?)"),
 ])
 def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, args, fragment):
     (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "list.txt").write_text("notes.md\nmissing.png\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "labels.csv").write_text("an earlier file")
     assert_clean_error(run_cli("predict", f"run_dir={finished_run}", *args, cwd=tmp_path),
                        fragment)
+    assert (tmp_path / "labels.csv").read_text() == "an earlier file"
+    assert not list(tmp_path.glob("*.partial"))
 
 
 @pytest.mark.slow

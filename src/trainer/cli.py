@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import register_schemas, validate
+from trainer.config import composition_error, register_schemas, validate
 from trainer.errors import UserError
 from trainer.ranks import env_rank, in_process_group
 
@@ -30,6 +30,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
           "debug", "hparams_search")
 log = logging.getLogger("trainer")
+# The user asked for full tracebacks (read before _composed sets the variable for Hydra).
+FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def _existing_run(path: str) -> str:
@@ -78,9 +80,31 @@ register_schemas()
 _register_resolvers()
 
 
-def _fail(error: UserError) -> None:
+def _fail(error: UserError, status: int = 2) -> None:
+    if FULL_ERROR:
+        raise error
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def _composed(compose: Callable[[], Any], config_name: str) -> Any:
+    """Run what composes the config (a Hydra main, and with it the job): a command line Hydra
+    cannot compose (a misspelt key or option, a wrong type) is one line and exit status 1.
+
+    Hydra prints such errors over several lines itself unless HYDRA_FULL_ERROR is set, when it
+    raises them instead; set here, it also lets a job's unexpected error show its whole
+    traceback. A UserError stays one line (`_run_reporting_errors`).
+    """
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return compose()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        if FULL_ERROR:
+            raise
+        groups = GROUPS if config_name == "train" else ()
+        _fail(UserError(composition_error(error, Path(CONFIG_DIR), groups)), status=1)
 
 
 def _report_stopped(stopped: Exception) -> None:
@@ -262,7 +286,7 @@ def _join_external_group() -> None:
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+            cfg = _composed(lambda: compose("train", overrides=overrides), "train")
         rerun = cfg.resume == "auto"
         if cfg.resume in ("latest", "auto"):  # decided as rank 0 decides (it writes nothing yet)
             fixed = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
@@ -298,7 +322,7 @@ def _use_command(config_name: str, job: str) -> Callable[[], None]:
         if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
             _print_help(config_name, sys.argv[1:])
             return
-        main()
+        _composed(main, config_name)
 
     return command
 
@@ -323,8 +347,9 @@ def _print_help(config_name: str, args: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=[a for a in args if not a.startswith("-")],
-                      return_hydra_config=True)
+        cfg = _composed(lambda: compose(config_name, overrides=[a for a in args
+                                                                if not a.startswith("-")],
+                                        return_hydra_config=True), config_name)
     groups = [p for p in sorted(Path(CONFIG_DIR).iterdir()) if p.is_dir() and p.name != "hydra"]
     listing = "".join(f"{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}\n"
                       for group in groups)
@@ -344,7 +369,7 @@ def train() -> None:
         _join_external_group()
     else:
         _check_output_folder(sys.argv[1:])
-        _train_main()
+        _composed(_train_main, "train")
 
 
 def evaluate() -> None:

@@ -5,7 +5,10 @@ classifier labels them (CSV), an autoencoder reconstructs them, a GAN draws samp
 from __future__ import annotations
 
 import csv
+import os
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -25,7 +28,7 @@ def input_images(inputs: str) -> list[str]:
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     elif path.is_file() and path.suffix.lower() == ".txt":
-        found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        found = _listed_images(path)
     elif path.is_file():
         found = [str(path)]
     else:
@@ -34,6 +37,22 @@ def input_images(inputs: str) -> list[str]:
     if not found:
         raise UserError(f"inputs={inputs!r} holds no images (accepted: "
                         f"{', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def _listed_images(listing: Path) -> list[str]:
+    """The paths a .txt file lists, one per line: as written (absolute, or relative to the
+    working directory), else relative to the list's own folder."""
+    found = []
+    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        given = Path(line.strip())
+        path = given if given.exists() else listing.parent / given
+        if not path.exists():
+            raise UserError(f"{listing} line {number}: {str(given)!r} does not exist (paths are "
+                            f"taken as written, else relative to {listing.parent})")
+        found.append(str(path))
     return found
 
 
@@ -49,6 +68,23 @@ def prepared(paths: list[str], shape: tuple[int, ...]) -> Iterator[tuple[list[st
             except (ValueError, RuntimeError, OSError) as error:
                 raise UserError(f"{path} is not a readable image ({error})") from None
         yield chunk, torch.stack(images)
+
+
+@contextmanager
+def csv_destination(outputs: str | None) -> Iterator[TextIO]:
+    """stdout, or the file `outputs`, written whole or not at all: an unreadable image half way
+    leaves an earlier file of that name as it was."""
+    if not outputs:
+        yield sys.stdout
+        return
+    target = Path(outputs)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w", newline="") as file:
+            yield file
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -181,13 +181,9 @@ def predict_job(cfg: DictConfig) -> None:
         predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
         log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
         return
-    out = open(cfg.outputs, "w", newline="") if cfg.outputs else sys.stdout  # noqa: SIM115
-    try:
+    with predict.csv_destination(cfg.outputs) as out:
         predict.write_predictions(s.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
                                   device)
-    finally:
-        if out is not sys.stdout:
-            out.close()
     log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
 
 
