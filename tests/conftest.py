@@ -41,14 +41,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """A user error: non-zero exit, no traceback, and each fragment in the one-line message
-    (stderr's last line)."""
+    """A user error: non-zero exit, no traceback, and each fragment in the message: one line
+    of stderr, starting `error: `."""
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert "Error in call to target" not in result.stderr, result.stderr
-    message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    messages = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(messages) == 1, result.stderr
     for fragment in fragments:
-        assert fragment in message, result.stderr
+        assert fragment in messages[0], result.stderr
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -88,9 +88,7 @@ def wandb_records(run_dir):
 
     [path] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history, summary, config, name = [], {}, set(), None
-    for data in leveldb_log(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in wandb_log(path, wandb_internal_pb2.Record):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({key_of(i): json.loads(i.value_json) for i in record.history.item})
@@ -101,6 +99,27 @@ def wandb_records(run_dir):
         elif kind == "run":
             name = record.run.display_name
     return history, summary, config, name
+
+
+def wandb_log(path, record_type, timeout: float = 30.0) -> list:
+    """The records of a finished offline run's .wandb file. run.finish() can return before
+    wandb-core has written them (seen under load: the file still held only its header), so
+    this waits for the run's last record, `exit`."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        try:
+            for data in leveldb_log(path.read_bytes()):
+                records.append(record_type())
+                records[-1].ParseFromString(data)
+        except DecodeError:  # a record still being written
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.1)
 
 
 def key_of(item) -> str:
