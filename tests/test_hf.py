@@ -74,6 +74,24 @@ def test_a_cnn_learns_from_a_parquet_dataset(tmp_path, image_parquet):
     assert metrics["test/acc"] >= 0.9
 
 
+def test_a_dataset_without_labels_trains_a_gan_and_no_classifier(tmp_path, image_parquet):
+    from datasets import load_dataset
+
+    from trainer.errors import UserError
+
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for part in ("train", "test"):
+        found = load_dataset("parquet", data_files=str(image_parquet / "data" / f"{part}-*"))
+        found["train"].remove_columns("kind").to_parquet(unlabelled / f"{part}.parquet")
+    assert hf(str(unlabelled), image_size=8, num_workers=0).spec.classes == ()
+    common = ("debug=fast", "logger=none", "data=hf", f"data.name={unlabelled}",
+              "data.image_size=8")
+    assert "test/d_loss" in train(compose_train(*common, "model=gan"), tmp_path / "gan")
+    with pytest.raises(UserError, match="has no classes .unlabelled images.: a classifier"):
+        train(compose_train(*common), tmp_path / "cnn")
+
+
 def test_text_column_trains_a_language_model(tmp_path):
     from datasets import Dataset
 

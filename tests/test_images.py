@@ -132,21 +132,54 @@ def test_bad_files_can_be_skipped_and_counted(image_folder, in_memory, caplog):
     assert "broken.png" in caplog.text
 
 
+def flat_folder(image_folder, path):
+    """The images of both classes in one folder, without class sub-folders."""
+    path.mkdir()
+    for image in image_folder.rglob("*.png"):
+        (path / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("model", ["gan", "autoencoder"])
+def test_a_folder_without_classes_trains_generative_models(tmp_path, image_folder, model):
+    path = flat_folder(image_folder, tmp_path / "flat")
+    data = load_image_folder(str(path), image_size=8)
+    assert data.spec.classes == () and len(data.train) + len(data.val) + len(data.test) == 40
+    metrics = train(compose_train("debug=fast", f"model={model}", "data=image_folder",
+                                  f"data.path={path}", "data.image_size=8"), tmp_path / "run")
+    assert metrics["test/loss"] > 0
+
+
 @pytest.mark.parametrize(("layout", "fragment"), [
     ("empty_class", "the class folder 'empty' holds no images"),
-    ("no_classes", "has no class folders"),
+    ("no_classes", "model=cnn classifies images, but data=flat has no classes (unlabelled"),
+    ("one_class", "model=cnn classifies images, but data=images has one class (bright): a "
+                  "classifier needs two or more"),
+    ("no_images", "nothing' holds no images (accepted: .jpg"),
+    ("split_folders", "train/, val/ and test/ must hold the same class folders; test/ has dark, "
+                      "train/ has bright, dark"),
     ("empty_split", "too few images"),
 ])
 def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
+    path = image_folder
     if layout == "empty_class":
         (image_folder / "empty").mkdir()
-        path = image_folder
     elif layout == "no_classes":
-        path = tmp_path / "flat"
+        path = flat_folder(image_folder, tmp_path / "flat")
+    elif layout == "one_class":
+        for image in (image_folder / "dark").iterdir():
+            image.unlink()
+        (image_folder / "dark").rmdir()
+    elif layout == "no_images":
+        path = tmp_path / "nothing"
         path.mkdir()
-        (path / "a.png").write_bytes((image_folder / "dark" / "0.png").read_bytes())
-    else:
-        path = image_folder
+    elif layout == "split_folders":
+        path = tmp_path / "split"
+        for part in ("train", "val", "test"):
+            for label in ("bright", "dark") if part != "test" else ("dark",):
+                (path / part / label).mkdir(parents=True)
+                (path / part / label / "0.png").write_bytes((image_folder / label / "0.png")
+                                                            .read_bytes())
     extra = ["data.val_fraction=0.001"] if layout == "empty_split" else []
     result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={path}", *extra,
                      cwd=tmp_path)

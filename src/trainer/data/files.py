@@ -35,15 +35,23 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".ppm", ".pg
 
 
 def list_images(root: Path) -> tuple[list[str], list[int], list[str]]:
-    """Image paths under `root/<class>/` (recursively), their class indices, and the classes.
+    """Image paths under `root/<class>/` (recursively), their class indices, and the classes;
+    or, in a folder without sub-folders, its images, unlabelled (no classes: a GAN or an
+    autoencoder trains on them, a classifier refuses them).
 
     Files that are not images (by suffix) are ignored; hidden folders are not classes.
     """
     classes = sorted(entry.name for entry in os.scandir(root)
                      if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
-        raise UserError(f"data.path={str(root)!r} has no class folders: put each class's images "
-                        "in a sub-folder named after it (DIR/cat/1.jpg, DIR/dog/2.jpg)")
+        found = sorted(entry.path for entry in os.scandir(root)
+                       if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES))
+        if not found:
+            raise UserError(f"data.path={str(root)!r} holds no images (accepted: "
+                            f"{', '.join(IMAGE_SUFFIXES)}) and no class folders: put the images "
+                            "in it, or each class's images in a sub-folder named after it "
+                            "(DIR/cat/1.jpg, DIR/dog/2.jpg) to classify them")
+        return found, [0] * len(found), []
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):

@@ -135,7 +135,7 @@ def _labels(dataset: Any, column: str | None, classes: Sequence[str] | None
             ) -> tuple[np.ndarray, list[str]]:
     """Integer labels and class names: a ClassLabel's names, else the sorted distinct values."""
     if column is None:
-        return np.zeros(len(dataset), dtype=np.int64), ["unlabelled"]
+        return np.zeros(len(dataset), dtype=np.int64), []  # no classes: a classifier refuses
     values = dataset[column]
     feature = dataset.features[column]
     if classes is None:
@@ -257,9 +257,8 @@ def _streamed_images(path: str, subset: str | None, loaded: Any, mapping: dict[s
                         "Image column: set data.image_column, or data.streaming=false for text")
     train = loaded[mapping["train"]]
     label_column = label_column or _first(train, "ClassLabel")
-    classes = getattr(train.features[label_column], "names", None) if label_column else \
-        ["unlabelled"]
-    if not classes:
+    classes = getattr(train.features[label_column], "names", None) if label_column else []
+    if label_column and not classes:
         raise UserError(f"data.streaming=true needs class names from a ClassLabel column; "
                         f"data.label_column={label_column!r} is not one")
     channels = 1 if grayscale else 3

@@ -201,9 +201,11 @@ def _folder_splits(root: Path, size: int, channels: int, val_fraction: float,
     if all((root / part).is_dir() for part in ("train", "val", "test")):
         listed = [list_images(root / part) for part in ("train", "val", "test")]
         classes = listed[0][2]
-        if any(part[2] != classes for part in listed):
-            raise UserError(f"data.path={str(root)!r}: train/, val/ and test/ must hold the same "
-                            f"class folders (train/ has {', '.join(classes)})")
+        for part, (_, _, other) in zip(("val", "test"), listed[1:], strict=True):
+            if other != classes:
+                raise UserError(f"data.path={str(root)!r}: train/, val/ and test/ must hold the "
+                                f"same class folders; {part}/ has {', '.join(other) or 'none'}, "
+                                f"train/ has {', '.join(classes) or 'none'}")
         splits = [ImageFiles(paths, labels, size, channels) for paths, labels, _ in listed]
     else:
         paths, labels, classes = list_images(root)

@@ -100,6 +100,7 @@ def task_for(model_cfg: DictConfig, spec: DataSpec, label_smoothing: float = 0.0
     for (known, kind), task in matrix.items():
         if issubclass(model_class, known) and kind == spec.kind:
             if task is Classification:
+                _check_classes(model_class.__name__, spec)
                 return Classification(label_smoothing)
             if label_smoothing:
                 raise UserError(f"trainer.label_smoothing={label_smoothing} applies to "
@@ -110,6 +111,14 @@ def task_for(model_cfg: DictConfig, spec: DataSpec, label_smoothing: float = 0.0
     if not kinds:
         raise UserError(f"model._target_={model_cfg._target_!r} is not a known architecture")
     return _incompatible(model_class.__name__, spec, kinds)
+
+
+def _check_classes(model: str, spec: DataSpec) -> None:
+    if spec.num_classes < 2:
+        has = f"one class ({spec.classes[0]})" if spec.classes else "no classes (unlabelled images)"
+        raise UserError(f"model={model.lower()} classifies images, but data={spec.name} has "
+                        f"{has}: a classifier needs two or more (image_folder: a sub-folder of "
+                        "images per class, DIR/cat/1.jpg, DIR/dog/2.jpg)")
 
 
 def _incompatible(model: str, spec: DataSpec, kinds: list[str]) -> Task:
