@@ -203,6 +203,11 @@ def _reason(files: Readable, i: int) -> str:
 def loader(dataset: Dataset, batches: Iterable[list], workers: int, pin: bool) -> DataLoader:
     """Load `batches` (lists of what `dataset` is indexed by) in `workers` processes, in order,
     PREFETCH batches ahead of each worker; pinned for a non-blocking copy to CUDA."""
+    # The decoders, imported here before the workers fork, so that each new worker (every
+    # epoch and validation starts some) does not import them again: about 1 s of CPU each.
+    import torchvision.io  # noqa: F401
+    import torchvision.transforms.v2.functional  # noqa: F401
+
     # Its own generator: a DataLoader otherwise draws its workers' seed from the global RNG,
     # which would shift dropout's draws whenever an epoch or a validation starts.
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
@@ -217,11 +222,20 @@ def on_device(images: Tensor, labels: Tensor, device: torch.device) -> Batch:
 
 
 def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor]:
-    """Every image decoded once (in workers) into memory: uint8 images and their labels."""
+    """Every image decoded once (in workers) into memory: uint8 images and their labels. A
+    progress bar shows when it takes more than a second (tens of thousands of images)."""
+    from tqdm import tqdm
+
+    from trainer.ranks import env_rank
+
     order = torch.arange(len(files)).split(256)
     batches = loader(files, [b.tolist() for b in order], workers, False)
-    parts = [bad.drop(files, images, labels, index)[:2]
-             for index, (images, labels) in zip(order, batches, strict=True)]
+    parts = []
+    with tqdm(total=len(files), unit="image", delay=1, desc="decoding into memory", leave=False,
+              disable=env_rank() != 0) as bar:
+        for index, (images, labels) in zip(order, batches, strict=True):
+            parts.append(bad.drop(files, images, labels, index)[:2])
+            bar.update(len(index))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
