@@ -23,10 +23,11 @@ def resnet18_file(tmp_path_factory):
 
 
 def test_a_frozen_backbone_keeps_its_weights_and_trains_a_new_classifier(tmp_path,
-                                                                        resnet18_file):
+                                                                        resnet18_file, caplog):
     from trainer.checkpoint import load
     from trainer.loop import train
 
+    caplog.set_level("INFO", logger="trainer")
     run = tmp_path / "run"
     metrics = train(compose_train("debug=fast", "logger=none", "model.backbone=resnet18",
                                   f"model.weights={resnet18_file}", "model.freeze_backbone=true",
@@ -38,6 +39,10 @@ def test_a_frozen_backbone_keeps_its_weights_and_trains_a_new_classifier(tmp_pat
     for key, value in backbone.items():  # batch norm statistics included: frozen means frozen
         assert torch.equal(trained[f"features.1.{key}"], value), key
     assert trained["head.1.weight"].shape == (10, 512)
+    frozen = sum(value.numel() for key, value in given.items()
+                 if not key.startswith("fc.") and value.is_floating_point()
+                 and "running" not in key)  # the backbone's parameters, not its statistics
+    assert f"parameters ({frozen:,} frozen)" in caplog.text
 
 
 def test_a_backbone_sees_three_channels_at_its_size_normalised_as_in_its_training():

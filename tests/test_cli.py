@@ -22,11 +22,18 @@ def test_train_leaves_a_complete_run_directory(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"test/loss", "test/acc"}
-    assert "test | test/loss=" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "test | test/loss=" in log
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     expected = {"model", "optimizers", "schedulers", "scaler", "progress", "rng", "config"}
     assert expected <= set(state)
     assert state["progress"]["step"] == 6 and state["config"]["model"]["width"] == 16
+    # What the run trains, said before its first step (the plain CNN has no buffers).
+    weights = sum(tensor.numel() for tensor in state["model"].values())
+    assert f"run {run.relative_to(tmp_path)}: 6 steps of 16 images" in log
+    assert (f"model=cnn: {weights:,} parameters | digits: 1,258 / 180 / 359 images "
+            "(train / val / test) of 1x8x8, 10 classes") in log
+    assert "device=cpu, 1 process, precision 32" in log
 
 
 def test_help_lists_groups_and_options(tmp_path):

@@ -139,6 +139,19 @@ class DataModule:
     test: Split
     batch_size: int  # per process
 
+    def describe(self) -> str:
+        """The splits' sizes and what a model sees of the data, for the start of a run's log."""
+        spec = self.spec
+        if spec.kind == "text":
+            tokens = " / ".join(f"{len(split.tokens):,}" for split in (self.train, self.val,
+                                                                        self.test))
+            return (f"{tokens} tokens (train / val / test), {spec.tokenizer.name} vocabulary of "
+                    f"{spec.vocab_size:,}, context {spec.block_size}")
+        images = " / ".join(f"{len(split):,}" for split in (self.train, self.val, self.test))
+        shape = "x".join(str(size) for size in spec.in_shape)
+        classes = f"{spec.num_classes} classes" if spec.classes else "unlabelled"
+        return f"{images} images (train / val / test) of {shape}, {classes}"
+
     def to(self, device: torch.device) -> DataModule:
         return DataModule(
             self.spec, self.train.to(device), self.val.to(device), self.test.to(device),
