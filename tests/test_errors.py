@@ -45,6 +45,7 @@ from conftest import assert_clean_error, run_cli
     (["model=gan", "trainer.label_smoothing=0.1"],
      ["trainer.label_smoothing=0.1 applies to classification only"]),
     (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),
+    (["model.weights=DEFAULT"], ["model.weights=DEFAULT applies to a torchvision backbone only"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
     assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)

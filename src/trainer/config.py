@@ -106,6 +106,9 @@ RANGES: list[tuple[str, Any, str]] = [
     ("model.heads", lambda v: v >= 1, ">= 1"),
     ("model.latent_dim", lambda v: v >= 1, ">= 1"),
     ("model.patch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("model.denoise", lambda v: v >= 0, ">= 0 (0 turns the noise off)"),
+    ("scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("scheduler.gamma", lambda v: v > 0, "> 0"),
     ("scheduler.step_size", lambda v: v >= 1, ">= 1"),
     ("scheduler.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("trainer.epochs", lambda v: v >= 1, ">= 1"),
@@ -217,12 +220,47 @@ def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:
     """A value must match the parameter's simple annotation (int, float, bool, str, or a union of
     them such as `bool | str`), or failing that the type of its default; an int passes for a
     float."""
+    if value is None:
+        if not _accepts_none(param):
+            raise UserError(f"{key}=null is not accepted: it takes {_expected(param)}")
+        return
+    if isinstance(param.default, tuple):  # such as Adam's betas
+        _check_sequence(key, value, param.default)
+        return
     names = _simple_types(param)
-    if value is None or not names:
+    if not names:
         return
     if not any(isinstance(value, SIMPLE_TYPES[name]) and
                (not isinstance(value, bool) or name == "bool") for name in names):
         raise UserError(f"{key}={value!r} has the wrong type: expected {' or '.join(names)}")
+
+
+def _accepts_none(param: inspect.Parameter) -> bool:
+    annotation = param.annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return param.default is None or "None" in text or "Optional" in text or text == "Any"
+
+
+def _expected(param: inspect.Parameter) -> str:
+    names = _simple_types(param)
+    default = param.default
+    if isinstance(default, tuple):
+        return f"a list of {len(default)} values (default {list(default)})"
+    what = " or ".join(names) if names else "a value"
+    return what if default is inspect.Parameter.empty else f"{what} (default {default!r})"
+
+
+def _check_sequence(key: str, value: Any, default: tuple) -> None:
+    """A list of as many numbers as the default tuple holds (when it holds numbers)."""
+    from omegaconf import ListConfig
+
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in default)
+    if not isinstance(value, ListConfig | list | tuple) or len(value) != len(default) or (
+            numbers and not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                for v in value)):
+        shown = ",".join(str(v) for v in default)
+        raise UserError(f"{key}={value!r} is not accepted: it takes a list of {len(default)} "
+                        f"{'numbers' if numbers else 'values'}, such as {key}=[{shown}]")
 
 
 def _simple_types(param: inspect.Parameter) -> list[str]:

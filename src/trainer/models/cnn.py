@@ -36,6 +36,13 @@ class CNN(nn.Module):
         if whiten and (backbone or not residual):
             raise UserError("model.whiten=true needs model.residual=true and no model.backbone "
                             "(it replaces the ResNet's first layer)")
+        backbone_only = {"weights": weights, "freeze_backbone": freeze_backbone,
+                         "input_size": None if input_size == "auto" else input_size}
+        given = [f"model.{key}={str(value).lower() if value is True else value}"
+                 for key, value in backbone_only.items() if value]
+        if given and not backbone:
+            raise UserError(f"{', '.join(given)} applies to a torchvision backbone only: set "
+                            "model.backbone=NAME (resnet18, efficientnet_b0, ...) too")
         if backbone:
             from trainer.models.pretrained import backbone as pretrained
 
