@@ -25,6 +25,23 @@ def recorded(run):
 
 
 @pytest.mark.slow
+def test_a_run_is_used_from_another_folder_than_it_trained_in(tmp_path, text_file):
+    """Its data path was relative to where train ran; the run's commands, run from elsewhere
+    and on another device key, still find it."""
+    (tmp_path / "there").mkdir()
+    shutil.copy(text_file, tmp_path / "there" / "corpus.txt")
+    trained = run_cli("train", "debug=fast", "model=rnn", "data=text", "data.path=corpus.txt",
+                      "hydra.run.dir=run", cwd=tmp_path / "there")
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "there" / "run"
+    result = run_cli("evaluate", f"run_dir={run}", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == recorded(run)
+    sampled = run_cli("generate", f"run_dir={run}", "length=5", cwd=tmp_path)
+    assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_on_another_image_folder(tmp_path, image_folder):
     from PIL import Image
 

@@ -40,8 +40,10 @@ def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, lan
 @pytest.mark.parametrize(("args", "fragment"), [
     (["prompt=the Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
     (["length=0"], "length=0 is out of range: it must be >= 1"),
-    (["temperature=0"], "temperature=0 is out of range"),
+    (["temperature=0"], "temperature=0.0 is out of range: it must be > 0"),
     (["prompt="], "prompt='' gives no tokens"),
+    (["length=null"], "length=null: field 'length' is not Optional"),
+    (["temperature=hot"], "temperature=hot: Value 'hot' of type 'str' could not be converted"),
 ])
 @pytest.mark.slow
 def test_bad_generate_input_is_one_clear_line(tmp_path, language_run, args, fragment):

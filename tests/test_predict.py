@@ -72,6 +72,8 @@ def test_predict_reads_a_list_of_paths_relative_to_the_list(tmp_path, finished_r
     (["inputs=notes.md", "top_k=0"], "top_k=0 is out of range: it must be >= 1"),
     (["inputs=list.txt"], "list.txt line 2: 'missing.png' does not exist"),
     (["inputs=notes.md", "chekpoint=last"], "unknown key chekpoint (did you mean checkpoint?)"),
+    (["inputs=notes.md", "top_k=two"], "top_k=two: Value 'two' of type 'str' could not be"),
+    (["inputs=notes.md", "device=tpu"], "device='tpu' is not accepted: choose one of auto, cpu"),
 ])
 def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, args, fragment):
     (tmp_path / "notes.md").write_text("not an image")

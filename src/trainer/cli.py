@@ -22,11 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import composition_error, register_schemas, validate
+from trainer.config import absolute_paths, composition_error, register_schemas, validate
 from trainer.errors import UserError
 from trainer.ranks import env_rank, in_process_group
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# The commands over a finished run: a folder of their own, where `device` and `data` are keys
+# rather than the config groups of CONFIG_DIR.
+COMMANDS_DIR = str(Path(CONFIG_DIR) / "commands")
 GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
           "debug", "hparams_search")
 log = logging.getLogger("trainer")
@@ -104,7 +107,12 @@ def _composed(compose: Callable[[], Any], config_name: str) -> Any:
         if FULL_ERROR:
             raise
         groups = GROUPS if config_name == "train" else ()
-        _fail(UserError(composition_error(error, Path(CONFIG_DIR), groups)), status=1)
+        _fail(UserError(composition_error(error, Path(_config_dir(config_name)), groups)),
+              status=1)
+
+
+def _config_dir(config_name: str) -> str:
+    return CONFIG_DIR if config_name == "train" else COMMANDS_DIR
 
 
 def _report_stopped(stopped: Exception) -> None:
@@ -216,6 +224,7 @@ def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
         for logger in cfg.logger.values():
             if isinstance(logger, DictConfig) and "name" in logger and not logger.name:
                 logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
+    absolute_paths(cfg)
     validate(cfg)  # once, here, before any process, child or worker starts
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         return _launch_group(cfg, run_dir)
@@ -312,7 +321,7 @@ def _use_command(config_name: str, job: str) -> Callable[[], None]:
     """A console script over a finished run: `--help`, or Hydra composing `config_name` and
     use.<job> running on it, a UserError reported as one line."""
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=COMMANDS_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
         from trainer import use
 
@@ -346,11 +355,12 @@ def _print_help(config_name: str, args: list[str]) -> None:
     options, and the config composed with the given overrides."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=_config_dir(config_name), version_base="1.3"):
         cfg = _composed(lambda: compose(config_name, overrides=[a for a in args
                                                                 if not a.startswith("-")],
                                         return_hydra_config=True), config_name)
-    groups = [p for p in sorted(Path(CONFIG_DIR).iterdir()) if p.is_dir() and p.name != "hydra"]
+    groups = [p for p in sorted(Path(_config_dir(config_name)).iterdir())
+              if p.is_dir() and p.name not in ("hydra", "commands")]
     listing = "".join(f"{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}\n"
                       for group in groups)
     template = cfg.hydra.help.template

@@ -17,7 +17,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from trainer.errors import UserError
@@ -79,8 +79,52 @@ class TrainConfig:
     optimized_metric: str | None = None
 
 
+# The commands over a finished run (configs/commands/): their YAML gives every value, the
+# schema its type, so `top_k=abc` or `length=null` fails while Hydra composes.
+@dataclass
+class RunCommandConfig:
+    run_dir: str = MISSING
+    checkpoint: str = MISSING
+    device: str | None = MISSING
+
+
+@dataclass
+class EvaluateConfig(RunCommandConfig):
+    fid_features: str | None = MISSING
+    data: Any = MISSING
+
+
+@dataclass
+class PredictConfig(RunCommandConfig):
+    inputs: str | None = MISSING
+    outputs: str | None = MISSING
+    top_k: int = MISSING
+    count: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class GenerateConfig(RunCommandConfig):
+    prompt: str | None = MISSING
+    length: int = MISSING
+    temperature: float = MISSING
+    top_k: int | None = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ExportConfig(RunCommandConfig):
+    format: str = MISSING
+    outputs: str | None = MISSING
+    count: int = MISSING
+
+
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, node in (("evaluate", EvaluateConfig), ("predict", PredictConfig),
+                       ("generate", GenerateConfig), ("export", ExportConfig)):
+        store.store(name=f"{name}_schema", node=node)
 
 
 # Keys the code supplies when it builds each group's object; the config must not set them.
@@ -98,6 +142,8 @@ RANGES: list[tuple[str, Any, str]] = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.block_size", lambda v: v >= 1, ">= 1"),
     ("data.image_size", lambda v: v >= 1, ">= 1"),
+    ("data.vocab_size", lambda v: v >= 1, ">= 1"),
+    ("data.shuffle_buffer", lambda v: v >= 1, ">= 1"),
     ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
     ("data.test_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
     ("model.width", lambda v: v >= 1, ">= 1"),
@@ -140,6 +186,21 @@ OPTIONAL_CHOICES = {"device.channels_last": ("auto", "true", "false"),
                     "data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
                     "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls"),
                     "model.init": ("torch", "gpt2")}
+
+
+# Keys that may name a local file or folder (data.name: a Hugging Face set on disk).
+PATH_KEYS = ("data.path", "data.root", "data.name", "model.weights")
+
+
+def absolute_paths(cfg: DictConfig) -> None:
+    """Make the relative paths in cfg that exist absolute, so that the config a run saves finds
+    its data from any working directory (evaluate, predict or resume run elsewhere). Names
+    that are not paths here (a hub id, weights=DEFAULT, a root to download into) stay."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value and not Path(value).is_absolute() \
+                and Path(value).exists():
+            OmegaConf.update(cfg, key, str(Path(value).resolve()))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -252,8 +313,6 @@ def _expected(param: inspect.Parameter) -> str:
 
 def _check_sequence(key: str, value: Any, default: tuple) -> None:
     """A list of as many numbers as the default tuple holds (when it holds numbers)."""
-    from omegaconf import ListConfig
-
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in default)
     if not isinstance(value, ListConfig | list | tuple) or len(value) != len(default) or (
             numbers and not all(isinstance(v, int | float) and not isinstance(v, bool)
@@ -276,6 +335,7 @@ def _simple_types(param: inspect.Parameter) -> list[str]:
 
 SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+    "dict": (dict, DictConfig), "list": (list, ListConfig),
 }
 
 

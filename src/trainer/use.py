@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import validate
+from trainer.config import DEVICE_TYPES, validate
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -134,6 +134,9 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
     path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
     state = checkpoint.load(path)
     train_cfg = OmegaConf.create(state["config"])
+    if cfg.device and cfg.device not in DEVICE_TYPES:
+        raise UserError(f"device={cfg.device!r} is not accepted: choose one of "
+                        f"{', '.join(DEVICE_TYPES)} (null: the run's own)")
     if cfg.device:
         train_cfg.device.type = cfg.device
         train_cfg.device.sync_batchnorm = False  # one process: nothing to synchronise
