@@ -119,6 +119,10 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
                        "format='tflite' is not an export format: use one of torch_export, onnx")
     with pytest.raises(UserError, match="count=2 is out of range: it must be >= 3"):
         export_job(export_cfg(finished_run, count=2))
+    (tmp_path / "a-file").write_text("kept")
+    with pytest.raises(UserError, match="outputs='.*a-file' is a file: give a folder"):
+        export_job(export_cfg(finished_run, outputs=str(tmp_path / "a-file")))
+    assert (tmp_path / "a-file").read_text() == "kept"
     real_find_spec = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real_find_spec(name))

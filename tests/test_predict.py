@@ -72,6 +72,7 @@ def test_predict_reads_a_list_of_paths_relative_to_the_list(tmp_path, finished_r
     (["inputs=notes.md", "top_k=0"], "top_k=0 is out of range: it must be >= 1"),
     (["inputs=list.txt"], "list.txt line 2: 'missing.png' does not exist"),
     (["inputs=notes.md", "chekpoint=last"], "unknown key chekpoint (did you mean checkpoint?)"),
+    (["inputs=notes.md", "outputs=empty"], "outputs='empty' is a folder: give the CSV file"),
     (["inputs=notes.md", "top_k=two"], "top_k=two: Value 'two' of type 'str' could not be"),
     (["inputs=notes.md", "device=tpu"], "device='tpu' is not accepted: choose one of auto, cpu"),
 ])

@@ -78,6 +78,8 @@ def csv_destination(outputs: str | None) -> Iterator[TextIO]:
         yield sys.stdout
         return
     target = Path(outputs)
+    if target.is_dir():
+        raise UserError(f"outputs={outputs!r} is a folder: give the CSV file to write")
     partial = target.with_name(target.name + ".partial")
     try:
         with open(partial, "w", newline="") as file:

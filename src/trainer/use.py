@@ -155,6 +155,14 @@ def restored_run(cfg: DictConfig) -> Any:
     return s
 
 
+def output_folder(outputs: str | None, default: Path) -> Path:
+    """The folder `outputs=` names (else `default`): it may exist, but as a folder."""
+    folder = Path(outputs) if outputs else default
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"outputs={str(folder)!r} is a file: give a folder to write into")
+    return folder
+
+
 def predict_job(cfg: DictConfig) -> None:
     """What a run makes of new inputs: a classifier's labels (CSV), an autoencoder's
     reconstructions, a GAN's samples (PNGs and a grid)."""
@@ -169,7 +177,7 @@ def predict_job(cfg: DictConfig) -> None:
     s = restored_run(cfg)
     spec, device = s.data.spec, s.rt.device
     if isinstance(s.task, Adversarial):
-        folder = Path(cfg.outputs or "predictions")
+        folder = output_folder(cfg.outputs, Path("predictions"))
         predict.write_samples(s.model, cfg.count, cfg.seed, folder, device)
         log.info("wrote %d samples and grid.png to %s", cfg.count, folder)
         return
@@ -180,7 +188,7 @@ def predict_job(cfg: DictConfig) -> None:
         raise UserError("inputs=PATH is required: an image, a folder of images or a .txt list")
     paths = predict.input_images(cfg.inputs)
     if isinstance(s.task, Reconstruction):
-        folder = Path(cfg.outputs or "predictions")
+        folder = output_folder(cfg.outputs, Path("predictions"))
         predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
         log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
         return
@@ -198,7 +206,7 @@ def export_job(cfg: DictConfig) -> dict[str, Any]:
     if cfg.count < 3:
         raise UserError(f"count={cfg.count} is out of range: it must be >= 3 (test inputs to "
                         "check the export on: more than the 2 it is traced with)")
-    folder = Path(cfg.outputs or Path(cfg.run_dir) / "export")
+    folder = output_folder(cfg.outputs, Path(cfg.run_dir) / "export")
     entry = export(restored_run(cfg), cfg.format, folder, cfg.count)
     log.info("exported %s: outputs equal PyTorch's within %.2g on %d test inputs",
              folder / entry["file"], entry["max_abs_diff"], entry["inputs_checked"])
