@@ -78,6 +78,8 @@ def test_wrong_type_in_a_schema_field_fails_while_composing():
     ("model=autoencoder model.denoise=-1", "model.denoise=-1 is out of range: it must be >= 0"),
     ("scheduler=step scheduler.gamma=0", "scheduler.gamma=0 is out of range: it must be > 0"),
     ("scheduler=cosine scheduler.min_lr_ratio=2", "scheduler.min_lr_ratio=2 is out of range"),
+    ("logger=wandb logger.wandb.mode=cloud", "logger.wandb.mode='cloud' is not accepted: choose "
+                                             "one of auto, online, offline, disabled"),
 ])
 def test_validate_names_the_bad_value(override, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -159,6 +160,22 @@ def test_wandb_offline_run_holds_metrics_text_and_config(tmp_path, text_file, ca
     assert summary["test/loss"] == json.loads((run / "metrics.json").read_text())["test/loss"]
     assert {"model.width", "data.block_size", "seed"} <= config and name == "run"
     assert f"upload this run later with: wandb sync {run / 'wandb'}" in caplog.text
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("file:./mlruns", "logger.mlflow: the tracking store file:./mlruns cannot be used: The "
+                      "filesystem tracking backend"),
+    ("http://127.0.0.1:9", "logger.mlflow.tracking_uri=http://127.0.0.1:9: no server answers "
+                           "there"),
+])
+def test_an_unusable_mlflow_store_is_one_clear_line(tmp_path, monkeypatch, uri, message):
+    from trainer.loop import train
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        train(compose_train("debug=fast", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"),
+              tmp_path / "run")
 
 
 def test_a_missing_tracker_names_its_extra(monkeypatch):

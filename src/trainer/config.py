@@ -185,7 +185,8 @@ CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
 OPTIONAL_CHOICES = {"device.channels_last": ("auto", "true", "false"),
                     "data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
                     "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls"),
-                    "model.init": ("torch", "gpt2")}
+                    "model.init": ("torch", "gpt2"),
+                    "logger.wandb.mode": ("auto", "online", "offline", "disabled")}
 
 
 # Keys that may name a local file or folder (data.name: a Hugging Face set on disk).

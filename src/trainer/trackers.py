@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from trainer.errors import UserError
 from trainer.logging import grid, hparams_of
 
 log = logging.getLogger("trainer")
@@ -36,11 +37,24 @@ class MLflowLogger:
                  tracking_uri: str | None = None, experiment: str = "trainer",
                  name: str | None = None, log_checkpoint: bool = False) -> None:
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.run_dir, self.log_checkpoint = Path(run_dir), log_checkpoint
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # null: MLflow's own choice (MLFLOW_TRACKING_URI, else ./mlflow.db).
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            _check_reachable(self.client.tracking_uri)
+            self._start(experiment, name, purge_step)
+        except MlflowException as error:  # a store MLflow refuses, a server that refuses us
+            first = str(error.message).strip().splitlines()[0]
+            raise UserError(f"logger.mlflow: the tracking store {uri} cannot be used: "
+                            f"{first}") from None
+        log.info("MLflow run %s in %s", self.run_id, self.client.tracking_uri)
+
+    def _start(self, experiment: str, name: str | None, purge_step: int | None) -> None:
+        """Continue this run directory's MLflow run, or create one in `experiment`."""
         record = self.run_dir / "mlflow.json"
         resumed = purge_step and purge_step > 1 and record.is_file()
         self.logged_to: dict[str, int] = {}  # each metric's last step already in the run
@@ -58,7 +72,6 @@ class MLflowLogger:
             self.run_id = run.info.run_id
             record.write_text(json.dumps({"run_id": self.run_id,
                                           "tracking_uri": self.client.tracking_uri}) + "\n")
-        log.info("MLflow run %s in %s", self.run_id, self.client.tracking_uri)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -168,6 +181,23 @@ def _wandb_mode() -> str:
         return "online"
     except OSError:
         return "offline"
+
+
+def _check_reachable(uri: str) -> None:
+    """A tracking server that does not answer fails at once, rather than after MLflow's
+    retries (minutes)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"logger.mlflow.tracking_uri={uri}: no server answers there "
+                        f"({error.strerror or error}); start `mlflow server` or fix the "
+                        "address") from None
 
 
 def _milliseconds() -> int:
