@@ -1,5 +1,5 @@
 """The console scripts `train`, `evaluate`, `predict`, `generate` and `export-model`: thin Hydra
-entrypoints over loop.py (training, sweeps, process groups) and use.py (a finished run's jobs).
+entrypoints over launch.py (training, sweeps, process groups) and use.py (a finished run's jobs).
 
 Heavy imports (torch, the loop) happen only once a command runs, so `--help` is quick.
 """
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import string
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -22,16 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import absolute_paths, composition_error, register_schemas, validate
+from trainer.config import composition_error, register_schemas
 from trainer.errors import UserError
+from trainer.launch import GROUPS, resume_source, resumed_config, sweep_job, train_job
 from trainer.ranks import env_rank, in_process_group
+from trainer.signals import STOPPED_EXIT, Stopped, report_stopped
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # The commands over a finished run: a folder of their own, where `device` and `data` are keys
 # rather than the config groups of CONFIG_DIR.
 COMMANDS_DIR = str(Path(CONFIG_DIR) / "commands")
-GROUPS = ("model", "data", "optimizer", "scheduler", "device", "trainer", "logger", "experiment",
-          "debug", "hparams_search")
 log = logging.getLogger("trainer")
 # The user asked for full tracebacks (read before _composed sets the variable for Hydra).
 FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -115,19 +113,9 @@ def _config_dir(config_name: str) -> str:
     return CONFIG_DIR if config_name == "train" else COMMANDS_DIR
 
 
-def _report_stopped(stopped: Exception) -> None:
-    """A run stopped by a signal: the resume command in the log and on stderr, STOPPED_EXIT."""
-    from trainer.signals import STOPPED_EXIT
-
-    log.info("%s", stopped)
-    print(stopped, file=sys.stderr)
-    sys.exit(STOPPED_EXIT)
-
-
 def _run_reporting_errors(job: Callable[[], Any]) -> Any:
     """Run a job; a UserError becomes one line on stderr and exit status 2, a run stopped by a
     signal the resume command and STOPPED_EXIT."""
-    from trainer.signals import Stopped
 
     try:
         return job()
@@ -135,153 +123,7 @@ def _run_reporting_errors(job: Callable[[], Any]) -> Any:
         log.debug("user error", exc_info=True)
         _fail(error)
     except Stopped as stopped:
-        _report_stopped(stopped)
-
-
-def _sweep_job(cfg: DictConfig) -> Any:
-    """One job of a multirun, in a process of its own. A failure (an error, or the process
-    killed) is logged and recorded in job.json, and the sweep goes on; a signal stops the sweep.
-    With resume=auto a job that completed in an earlier run of the same sweep is kept as it is.
-    Returns the job's `optimized_metric` (what Optuna minimises or maximises), or all its
-    metrics when none is set."""
-    from trainer.signals import Stopped
-    from trainer.sweep import read_record, write_record
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    record: dict[str, Any] = {"job": hydra_cfg.job.num,
-                              "overrides": " ".join(hydra_cfg.overrides.task),
-                              "status": "completed", "error": None, "metrics": {}}
-    earlier = read_record(run_dir) if cfg.resume == "auto" else None
-    start = time.perf_counter()
-    try:
-        if earlier and earlier["overrides"] != record["overrides"]:
-            raise UserError(f"{run_dir} holds job {earlier['job']} of another sweep "
-                            f"({earlier['overrides']}): resume=auto continues the same sweep "
-                            "command; give a new hydra.sweep.dir for a new one")
-        if earlier and earlier["status"] == "completed":
-            log.info("job %d completed in an earlier run of this sweep: kept", record["job"])
-            record = earlier
-        else:
-            record["metrics"] = _train_job(cfg, isolated=True) or {}
-    except Stopped as stopped:
-        _report_stopped(stopped)
-    except Exception as error:  # noqa: BLE001 - one job's failure must not end the sweep
-        log.error("job failed: %s", error, exc_info=not isinstance(error, UserError))
-        record.update(status="failed", error=" ".join(str(error).split())[:500])
-    if record is not earlier:
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        write_record(run_dir, record)
-    metric = cfg.get("optimized_metric")
-    return record["metrics"].get(metric) if metric else record["metrics"]
-
-
-def resumed_config(cfg: DictConfig, overrides: list[str], rerun: bool = False) -> DictConfig:
-    """The run's own config, with the plain key=value overrides of this command on top.
-
-    `rerun` (resume=auto): the command that started the run, run again, so its group choices are
-    the run's own and are passed over rather than refused.
-    """
-    from trainer.checkpoint import load, resume_path
-
-    saved = OmegaConf.create(load(resume_path(cfg.resume))["config"])
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra") or (rerun and key in GROUPS):
-            continue
-        if key in GROUPS:
-            raise UserError(f"{override}: a resumed run keeps its {key}; only keys such as "
-                            "trainer.max_steps=N can change on resume")
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
-    saved.resume = cfg.resume
-    return saved
-
-
-def _resume_source(resume: str | None, run_dir: Path) -> str | None:
-    """The run directory or checkpoint to continue: `latest` is the run directory Hydra was given
-    (the newest run); `auto` continues run_dir if it holds a checkpoint, else starts afresh."""
-    if resume == "latest":
-        log.info("resume=latest: continuing %s", run_dir)
-        return str(run_dir)
-    if resume == "auto":
-        found = (run_dir / "checkpoints" / "last.pt").is_file()
-        log.info("resume=auto: %s", f"continuing {run_dir}" if found else "no checkpoint yet, "
-                 "starting afresh")
-        return str(run_dir) if found else None
-    return resume
-
-
-def _train_job(cfg: DictConfig, isolated: bool = False) -> Any:
-    """Train in this process, in device.count launched processes, or (`isolated`, a sweep job)
-    in one child process."""
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    rerun = cfg.resume == "auto"
-    cfg.resume = _resume_source(cfg.resume, run_dir)
-    if cfg.resume:
-        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task), rerun)
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # name each sweep job by its overrides, everywhere
-        for logger in cfg.logger.values():
-            if isinstance(logger, DictConfig) and "name" in logger and not logger.name:
-                logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
-    absolute_paths(cfg)
-    validate(cfg)  # once, here, before any process, child or worker starts
-    if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
-        return _launch_group(cfg, run_dir)
-    if isolated:
-        from trainer.job import run_in_child
-
-        return run_in_child(OmegaConf.to_container(cfg, resolve=True), run_dir)
-    from trainer.loop import train as run_training
-
-    return run_training(cfg, run_dir)
-
-
-def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
-    """device.count processes on this node (of device.nodes); rank 0's metrics where it ran."""
-    from trainer.distributed import launch
-
-    try:
-        result = launch(cfg.device, _worker, OmegaConf.to_container(cfg, resolve=True),
-                        str(run_dir))
-    except UserError as error:
-        if (run_dir / "checkpoints" / "last.pt").is_file():
-            raise UserError(f"{error}; resume from its last checkpoint with: train "
-                            f"resume={run_dir}") from None
-        raise
-    if result is None and not (run_dir / "checkpoints").exists():
-        # Several nodes: rank 0 ran on another node and the run lives there; the directory
-        # Hydra made here for this node's launcher holds nothing of the run.
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return result
-
-
-def log_to_run_dir(run_dir: str, main: bool) -> None:
-    """Logging in a process started without Hydra: rank 0 also writes the run's train.log."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if main:
-        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-
-
-def _worker(config: dict, run_dir: str) -> dict[str, float]:
-    """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
-    from trainer.loop import train as run_training
-    from trainer.signals import STOPPED_EXIT, Stopped
-
-    main = env_rank() == 0
-    log_to_run_dir(run_dir, main)
-    try:
-        return run_training(OmegaConf.create(config), Path(run_dir))
-    except UserError as error:
-        if main:
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Stopped as stopped:
-        if main:
-            _report_stopped(stopped)
-        sys.exit(STOPPED_EXIT)
+        report_stopped(stopped)
 
 
 def _join_external_group() -> None:
@@ -289,7 +131,6 @@ def _join_external_group() -> None:
     from hydra import compose, initialize_config_dir
 
     from trainer.loop import train as run_training
-    from trainer.signals import STOPPED_EXIT, Stopped
 
     logging.basicConfig(level=logging.WARNING)
     overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
@@ -300,7 +141,7 @@ def _join_external_group() -> None:
         if cfg.resume in ("latest", "auto"):  # decided as rank 0 decides (it writes nothing yet)
             fixed = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
             run_dir = latest_run() if cfg.resume == "latest" else fixed[0] if fixed else None
-            cfg.resume = _resume_source(cfg.resume, Path(run_dir)) if run_dir else None
+            cfg.resume = resume_source(cfg.resume, Path(run_dir)) if run_dir else None
         if cfg.resume:
             cfg = resumed_config(cfg, overrides, rerun)
         run_training(cfg, None)
@@ -313,8 +154,8 @@ def _join_external_group() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_main(cfg: DictConfig) -> Any:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return _sweep_job(cfg)
-    return _run_reporting_errors(lambda: _train_job(cfg))
+        return sweep_job(cfg)
+    return _run_reporting_errors(lambda: train_job(cfg))
 
 
 def _use_command(config_name: str, job: str) -> Callable[[], None]:

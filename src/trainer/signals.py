@@ -4,11 +4,14 @@ once."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 from types import FrameType
 
 STOPPED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, resumable
+log = logging.getLogger("trainer")
 
 
 class Stopped(Exception):
@@ -43,3 +46,10 @@ class StopRequest:
         if self.reason is not None and number == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.reason = signal.Signals(number).name
+
+
+def report_stopped(stopped: Exception) -> None:
+    """A run stopped by a signal: the resume command in the log and on stderr, STOPPED_EXIT."""
+    log.info("%s", stopped)
+    print(stopped, file=sys.stderr)
+    sys.exit(STOPPED_EXIT)
