@@ -116,7 +116,6 @@ def _config_dir(config_name: str) -> str:
 def _run_reporting_errors(job: Callable[[], Any]) -> Any:
     """Run a job; a UserError becomes one line on stderr and exit status 2, a run stopped by a
     signal the resume command and STOPPED_EXIT."""
-
     try:
         return job()
     except UserError as error:

@@ -1,7 +1,8 @@
 """Structured-config schemas and the checks that run before any work starts.
 
-The schemas below type the fixed groups (device, trainer) and the top level, so a misspelt key or a
-wrong type fails while Hydra composes. The groups that build objects (model, data, optimizer,
+The schemas below type the fixed groups (device, trainer), the top level and the commands over a
+finished run, so a misspelt key or a wrong type fails while Hydra composes (`composition_error`
+puts what Hydra says in one line). The groups that build objects (model, data, optimizer,
 scheduler, logger) are checked against the signature of their `_target_` instead: the constructor is
 the single source of truth for the keys it accepts, so no dataclass repeats it.
 """
