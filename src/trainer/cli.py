@@ -6,6 +6,7 @@ Heavy imports (torch, the loop) happen only once a command runs, so `--help` is 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import string
@@ -19,8 +20,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from trainer.config import composition_error, register_schemas
+from trainer.config import register_schemas
 from trainer.errors import UserError
 from trainer.launch import GROUPS, resume_source, resumed_config, sweep_job, train_job
 from trainer.ranks import env_rank, in_process_group
@@ -105,8 +107,43 @@ def _composed(compose: Callable[[], Any], config_name: str) -> Any:
         if FULL_ERROR:
             raise
         groups = GROUPS if config_name == "train" else ()
-        _fail(UserError(composition_error(error, Path(_config_dir(config_name)), groups)),
+        _fail(UserError(_composition_error(error, Path(_config_dir(config_name)), groups)),
               status=1)
+
+
+def _composition_error(error: Exception, config_dir: Path, groups: tuple[str, ...] = ()) -> str:
+    """What Hydra could not compose from a command line, which it reports over several lines, as
+    one line naming the bad value and what is accepted: a misspelt key, an option its group
+    lacks, a value of the wrong type, an override it cannot parse. `groups`: the config groups
+    the command takes (group=option) beside its keys."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = error.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.parent_node is not None:
+        accepted = [str(k) for k in cause.parent_node if not str(k).startswith(("_", "hydra"))]
+        if "." not in str(cause.full_key):  # the top level: groups without a key of their own too
+            accepted += [group for group in groups if group not in accepted]
+        prefix = str(cause.full_key).rpartition(".")[0]
+        return (f"unknown key {cause.full_key}{_did_you_mean(str(cause.key), accepted, prefix)}; "
+                f"accepted: {', '.join(accepted)}")
+    missing = getattr(error, "missing_cfg_file", None) or ""
+    if isinstance(error, MissingConfigException) and "/" in missing:
+        group, option = missing.rsplit("/", 1)
+        options = error.options or sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        return (f"{group}={option} is not an option{_did_you_mean(option, options, group, '=')}; "
+                f"choose one of {', '.join(options)}")
+    lines = str(error).split("Config search path:")[0].splitlines()
+    message = " ".join(line.strip() for line in lines if line.strip()).replace("\\'", "'")
+    if isinstance(error, OverrideParseException):
+        message = f"the command line cannot be parsed: {message}"
+    if isinstance(cause, OmegaConfBaseException):
+        message += f": {str(cause).splitlines()[0]}"
+    return message
+
+
+def _did_you_mean(given: str, accepted: list[str], prefix: str, joiner: str = ".") -> str:
+    close = difflib.get_close_matches(given, accepted, n=1)
+    return f" (did you mean {prefix}{joiner if prefix else ''}{close[0]}?)" if close else ""
 
 
 def _config_dir(config_name: str) -> str:

@@ -1,15 +1,14 @@
 """Structured-config schemas and the checks that run before any work starts.
 
 The schemas below type the fixed groups (device, trainer), the top level and the commands over a
-finished run, so a misspelt key or a wrong type fails while Hydra composes (`composition_error`
-puts what Hydra says in one line). The groups that build objects (model, data, optimizer,
-scheduler, logger) are checked against the signature of their `_target_` instead: the constructor is
-the single source of truth for the keys it accepts, so no dataclass repeats it.
+finished run, so a misspelt key or a wrong type fails while Hydra composes. The groups that build
+objects (model, data, optimizer, scheduler, logger) are checked against the signature of their
+`_target_` instead: the constructor is the single source of truth for the keys it accepts, so no
+dataclass repeats it.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from trainer.errors import UserError
 
@@ -366,38 +364,3 @@ def call(partial: Any, *args: Any, **kwargs: Any) -> Any:
     except ValueError as error:
         raise UserError(f"{partial.func.__module__}.{partial.func.__name__} cannot be built: "
                         f"{error}") from None
-
-
-def composition_error(error: Exception, config_dir: Path, groups: tuple[str, ...] = ()) -> str:
-    """What Hydra could not compose from a command line, which it reports over several lines, as
-    one line naming the bad value and what is accepted: a misspelt key, an option its group
-    lacks, a value of the wrong type, an override it cannot parse. `groups`: the config groups
-    the command takes (group=option) beside its keys."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    cause = error.__cause__
-    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.parent_node is not None:
-        accepted = [str(k) for k in cause.parent_node if not str(k).startswith(("_", "hydra"))]
-        if "." not in str(cause.full_key):  # the top level: groups without a key of their own too
-            accepted += [group for group in groups if group not in accepted]
-        prefix = str(cause.full_key).rpartition(".")[0]
-        return (f"unknown key {cause.full_key}{_did_you_mean(str(cause.key), accepted, prefix)}; "
-                f"accepted: {', '.join(accepted)}")
-    missing = getattr(error, "missing_cfg_file", None) or ""
-    if isinstance(error, MissingConfigException) and "/" in missing:
-        group, option = missing.rsplit("/", 1)
-        options = error.options or sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-        return (f"{group}={option} is not an option{_did_you_mean(option, options, group, '=')}; "
-                f"choose one of {', '.join(options)}")
-    lines = str(error).split("Config search path:")[0].splitlines()
-    message = " ".join(line.strip() for line in lines if line.strip()).replace("\\'", "'")
-    if isinstance(error, OverrideParseException):
-        message = f"the command line cannot be parsed: {message}"
-    if isinstance(cause, OmegaConfBaseException):
-        message += f": {str(cause).splitlines()[0]}"
-    return message
-
-
-def _did_you_mean(given: str, accepted: list[str], prefix: str, joiner: str = ".") -> str:
-    close = difflib.get_close_matches(given, accepted, n=1)
-    return f" (did you mean {prefix}{joiner if prefix else ''}{close[0]}?)" if close else ""
