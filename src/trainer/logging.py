@@ -1,4 +1,5 @@
-"""Where a run reports: TensorBoard (rank 0 only), sample files beside it, and throughput meters."""
+"""Where a run reports: TensorBoard (rank 0 only), sample files beside it, throughput meters, and
+the summary a run logs before its first step."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import logging
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.loop import Run
 
 log = logging.getLogger("trainer")
 
@@ -182,3 +186,26 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     flat["model"] = cfg.model._target_.rsplit(".", 1)[-1].lower()
     flat["seed"] = cfg.seed
     return flat
+
+
+def announce(run: Run) -> None:
+    """Three lines before the first step: where and for how long, what trains on what, on which
+    device."""
+    s, rt, tc, spec = run.s, run.s.rt, run.tc, run.s.data.spec
+    per_step = s.data.batch_size * rt.world * tc.accumulate
+    batch = f"{per_step} images" if spec.kind == "image" else \
+        f"{per_step} x {spec.block_size} tokens"
+    where = run.run_dir.resolve()
+    where = where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd()) else where
+    log.info("run %s: %s steps of %s, %s per epoch%s", where, f"{run.total_steps:,}", batch,
+             f"{run.steps_per_epoch:,}",
+             f", continuing from step {run.progress.step:,}" if run.progress.step else "")
+    weights = list(s.model.parameters())
+    total = sum(w.numel() for w in weights)
+    frozen = total - sum(w.numel() for w in weights if w.requires_grad)
+    log.info("model=%s: %s parameters%s | %s: %s", type(s.model).__name__.lower(),
+             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", spec.name,
+             s.data.describe())
+    log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
+             "es" if rt.world > 1 else "", rt.precision,
+             ", compiled" if s.cfg.device.compile else "")

@@ -31,7 +31,7 @@ from trainer.data import Batch, DataModule, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
-from trainer.logging import Loggers, Throughput, build_loggers, hparams_of
+from trainer.logging import Loggers, Throughput, announce, build_loggers, hparams_of
 from trainer.optim import decay_groups, device_options
 from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
@@ -163,29 +163,6 @@ def prepare(s: Setup, run_dir: Path) -> Run:
     return Run(s, run_dir, optimizers, schedulers, scaler, step_model, average,
                SimpleNamespace(**OmegaConf.to_container(tc, resolve=True)), steps_per_epoch,
                total_steps)
-
-
-def announce(run: Run) -> None:
-    """Three lines before the first step: where and for how long, what trains on what, on which
-    device."""
-    s, rt, tc, spec = run.s, run.s.rt, run.tc, run.s.data.spec
-    per_step = s.data.batch_size * rt.world * tc.accumulate
-    batch = f"{per_step} images" if spec.kind == "image" else \
-        f"{per_step} x {spec.block_size} tokens"
-    where = run.run_dir.resolve()
-    where = where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd()) else where
-    log.info("run %s: %s steps of %s, %s per epoch%s", where, f"{run.total_steps:,}", batch,
-             f"{run.steps_per_epoch:,}",
-             f", continuing from step {run.progress.step:,}" if run.progress.step else "")
-    weights = list(s.model.parameters())
-    total = sum(w.numel() for w in weights)
-    frozen = total - sum(w.numel() for w in weights if w.requires_grad)
-    log.info("model=%s: %s parameters%s | %s: %s", type(s.model).__name__.lower(),
-             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", spec.name,
-             s.data.describe())
-    log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
-             "es" if rt.world > 1 else "", rt.precision,
-             ", compiled" if s.cfg.device.compile else "")
 
 
 def fit(run: Run, stop: StopRequest) -> None:

@@ -168,7 +168,7 @@ def image_folder(path: str, image_size: int = 32, grayscale: bool = False, batch
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"data.path={path!r} is not a folder: give a folder with one sub-folder "
-                        "of images per class")
+                        "of images per class (or, for a GAN or autoencoder, a folder of images)")
     splits, classes = _folder_splits(root, image_size, 1 if grayscale else 3, val_fraction,
                                      test_fraction, seed)
     return encoded_images(root.name, splits, classes, batch_size, augment, in_memory,
