@@ -46,6 +46,14 @@ from conftest import assert_clean_error, run_cli
      ["trainer.label_smoothing=0.1 applies to classification only"]),
     (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),
     (["model.weights=DEFAULT"], ["model.weights=DEFAULT applies to a torchvision backbone only"]),
+    (["hparams_search=classification", "hydra.sweeper.n_trials=0"],
+     ["hydra.sweeper.n_trials=0 is not accepted: it takes an integer >= 1"]),
+    (["hparams_search=classification", "hydra.sweeper.direction=up"],
+     ["hydra.sweeper.direction=up is not accepted: choose one of minimize, maximize"]),
+    (["hparams_search=classification", "hydra.sweeper.max_failure_rate=2"],
+     ["hydra.sweeper.max_failure_rate=2 is out of range: it must be in [0, 1]"]),
+    (["hparams_search=classification", "hydra.sweeper.params.model.depth=choice(1,2)"],
+     ["give the search space without the prefix, as model.depth=choice(1,2)"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
     assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)

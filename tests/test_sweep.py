@@ -68,16 +68,20 @@ def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_of_two_trials(tmp_path):
+    # A search space given on the command line replaces the preset's (widths 16-128).
     result = run_cli("train", "hparams_search=classification", "debug=fast",
-                     "hydra.sweeper.n_trials=2", cwd=tmp_path)
+                     "hydra.sweeper.n_trials=2", "model.width=choice(8,24)", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optimizer.lr" in best
     with open(sweep / "sweep_summary.csv") as file:
-        accuracies = [float(row["val/acc"]) for row in csv.DictReader(file)]
+        rows = list(csv.DictReader(file))
+    accuracies = [float(row["val/acc"]) for row in rows]
     assert len(accuracies) == 2 and accuracies == sorted(accuracies, reverse=True)
+    assert all(" model.width=8 " in r["overrides"] or " model.width=24 " in r["overrides"]
+               for r in rows)
 
 
 def test_cluster_launcher_configs_compose():

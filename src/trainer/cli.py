@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import string
 import sys
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from trainer.errors import UserError
 from trainer.launch import GROUPS, resume_source, resumed_config, sweep_job, train_job
 from trainer.ranks import env_rank, in_process_group
 from trainer.signals import STOPPED_EXIT, Stopped, report_stopped
+from trainer.sweep import check_sweeper_overrides
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # The commands over a finished run: a folder of their own, where `device` and `data` are keys
@@ -132,6 +134,11 @@ def _composition_error(error: Exception, config_dir: Path, groups: tuple[str, ..
         options = error.options or sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
         return (f"{group}={option} is not an option{_did_you_mean(option, options, group, '=')}; "
                 f"choose one of {', '.join(options)}")
+    search_space = re.search(r"'hydra\.sweeper\.params\.([^']*)'", str(error))
+    if search_space:  # Hydra: "Sweeping over Hydra's configuration is not supported"
+        override = search_space.group(0).strip("'")
+        return (f"{override} cannot be given on the command line: give the search space without "
+                f"the prefix, as {search_space.group(1)}")
     lines = str(error).split("Config search path:")[0].splitlines()
     message = " ".join(line.strip() for line in lines if line.strip()).replace("\\'", "'")
     if isinstance(error, OverrideParseException):
@@ -256,6 +263,7 @@ def train() -> None:
         _join_external_group()
     else:
         _check_output_folder(sys.argv[1:])
+        _run_reporting_errors(lambda: check_sweeper_overrides(sys.argv[1:]))
         _composed(_train_main, "train")
 
 

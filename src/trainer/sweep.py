@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from trainer.errors import UserError
+
 RECORD = "job.json"
 
 
@@ -71,6 +73,33 @@ def _aligned(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
+
+
+def check_sweeper_overrides(args: list[str]) -> None:
+    """The Optuna sweeper's settings given on the command line (`hydra.sweeper.n_trials=30`),
+    checked before Hydra starts: the sweeper reports a bad one with a traceback, some only after
+    every trial has run (and Hydra's callbacks cannot stop a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    given = [arg for arg in args if arg.startswith("hydra.sweeper.")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(given)
+    except OverrideParseException:
+        return  # Hydra reports it
+    settings = {o.key_or_group.removeprefix("hydra.sweeper."): o.value() for o in overrides}
+    for key in ("n_trials", "n_jobs"):
+        value = settings.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"hydra.sweeper.{key}={value} is not accepted: it takes an "
+                            "integer >= 1")
+    if settings.get("direction", "minimize") not in ("minimize", "maximize"):
+        raise UserError(f"hydra.sweeper.direction={settings['direction']} is not accepted: "
+                        "choose one of minimize, maximize")
+    rate = settings.get("max_failure_rate", 0.0)
+    if not isinstance(rate, int | float) or not 0 <= rate <= 1:
+        raise UserError(f"hydra.sweeper.max_failure_rate={rate} is out of range: it must be in "
+                        "[0, 1] (the share of trials that may fail before the search stops)")
 
 
 class SweepSummary(Callback):
