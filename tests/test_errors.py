@@ -93,6 +93,14 @@ def test_resume_cannot_swap_the_model(tmp_path, finished_run):
     assert_clean_error(result, "model=rnn: a resumed run keeps its model")
 
 
+def test_resume_names_the_model_key_that_changed_its_shape(tmp_path, finished_run):
+    last = (finished_run / "checkpoints" / "last.pt").read_bytes()
+    result = run_cli("train", f"resume={finished_run}", "model.width=64", cwd=tmp_path)
+    assert_clean_error(result, "does not match the configured model (model.width=64 differs "
+                       "from the run's model")
+    assert (finished_run / "checkpoints" / "last.pt").read_bytes() == last
+
+
 def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,14 +66,17 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 @contextmanager
-def reported_as_mismatch(path: Path) -> Iterator[None]:
-    """Loading a state dict into a model of another shape: a UserError naming the checkpoint."""
+def reported_as_mismatch(path: Path, changed: Sequence[str] = ()) -> Iterator[None]:
+    """Loading a state dict into a model of another shape: a UserError naming the checkpoint
+    and the model keys `changed` from the checkpoint's, the likely cause."""
     try:
         yield
     except RuntimeError as error:
+        cause = (f" ({', '.join(changed)} differs from the run's model: a resumed run keeps its "
+                 "model's shape)" if changed else "")
         detail = " ".join(str(error).split())[:300]
-        raise UserError(f"checkpoint {path} does not match the configured model: {detail}") \
-            from None
+        raise UserError(f"checkpoint {path} does not match the configured model{cause}: "
+                        f"{detail}") from None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

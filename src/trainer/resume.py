@@ -69,7 +69,11 @@ def restore(run: Run, source: Path) -> None:
     this rank's random generators."""
     rt, model = run.s.rt, run.s.model
     state = checkpoint.load(source)  # on the CPU: load_state_dict moves what it needs
-    with checkpoint.reported_as_mismatch(source):
+    saved_model = state["config"]["model"]
+    changed = [f"model.{key}={value}" for key, value in
+               OmegaConf.to_container(run.s.cfg.model, resolve=True).items()
+               if saved_model.get(key) != value]
+    with checkpoint.reported_as_mismatch(source, changed):
         # The weights as trained: beside the average in a run that kept one, else `model`.
         rt.load_model_state(model, state.get("training_model", state["model"]))
         if run.average:  # a run that had no average starts one from its weights
