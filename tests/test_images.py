@@ -3,11 +3,12 @@ augmentation on the device, exact resume of a streamed run, and bad files."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import assert_clean_error, compose_train, run_cli
-from trainer.data.files import FileImageSplit
+from trainer.data.files import FileImageSplit, decode
 from trainer.data.images import ImageSplit, digits
 from trainer.data.images import image_folder as load_image_folder
 from trainer.data.transforms import Augment, seeded_uniforms
@@ -110,6 +111,23 @@ def test_non_images_are_ignored(image_folder):
     (image_folder / "bright" / ".DS_Store").write_bytes(b"\0\1")
     data = load_image_folder(str(image_folder), image_size=8)
     assert len(data.train) + len(data.val) + len(data.test) == 40
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "tiff"])  # tiff: decoded by PIL
+def test_photos_are_decoded_upright(tmp_path, suffix):
+    """A phone photo stored sideways with an EXIF orientation (6: turn 90 degrees clockwise to
+    view) is decoded as it is viewed: the stored top half becomes the right half."""
+    from PIL import Image
+
+    pixels = np.zeros((8, 16), np.uint8)
+    pixels[:4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo.{suffix}"
+    Image.fromarray(pixels).save(path, exif=exif)
+    image = decode(str(path), size=8, channels=1)[0].float()
+    assert image[:, 5:].mean() > 200 and image[:, :3].mean() < 50
+    assert torch.equal(decode(path.read_bytes(), size=8, channels=1)[0].float(), image)
 
 
 @pytest.mark.parametrize("in_memory", [pytest.param("true", marks=pytest.mark.slow), "false"])

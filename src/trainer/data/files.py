@@ -69,7 +69,8 @@ def list_images(root: Path) -> tuple[list[str], list[int], list[str]]:
 def decode(source: str | bytes, size: int, channels: int) -> Tensor:
     """An encoded image (a file's path, or its bytes) as uint8 (channels, size, size):
     torchvision's decoders (JPEG, PNG, GIF, WEBP), PIL for the formats they lack (BMP, TIFF,
-    PPM). Raises ValueError if it is not a readable image."""
+    PPM). Upright: a photo's EXIF orientation is applied, as a viewer (and Hugging Face's own
+    decoder) would. Raises ValueError if it is not a readable image."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resize, to_dtype
 
@@ -77,7 +78,7 @@ def decode(source: str | bytes, size: int, channels: int) -> Tensor:
                                                                     dtype=torch.uint8)
     try:
         image = decode_image(data, mode=ImageReadMode.GRAY if channels == 1 else
-                             ImageReadMode.RGB)
+                             ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
         image = _decode_with_pil(source, channels)
     if image.ndim == 4:  # an animated GIF: its first frame
@@ -88,11 +89,15 @@ def decode(source: str | bytes, size: int, channels: int) -> Tensor:
 
 
 def _decode_with_pil(source: str | bytes, channels: int) -> Tensor:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as file:
-            pixels = np.asarray(file.convert("L" if channels == 1 else "RGB"))
+        # From bytes even for a path: opened by name, a TIFF is read through libtiff, which
+        # turns it by its orientation tag itself, and exif_transpose would turn it again.
+        data = Path(source).read_bytes() if isinstance(source, str) else source
+        with Image.open(io.BytesIO(data)) as file:
+            upright = ImageOps.exif_transpose(file)
+            pixels = np.asarray(upright.convert("L" if channels == 1 else "RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(str(error).splitlines()[0] if str(error) else type(error).__name__) \
             from None
