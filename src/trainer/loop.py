@@ -173,8 +173,9 @@ def fit(run: Run, stop: StopRequest) -> None:
     meter = Throughput(s.task.unit, s.rt.device, flops, s.rt.world)
     running: dict[str, list[Tensor]] = {}  # train/ scalars of each step since the last report
     batches: tuple[int, Iterator[Batch]] | None = None  # this epoch's, from progress.batch on
+    # disable=None: only on a terminal; a redirected log (a cluster job's) keeps plain lines.
     bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
-               disable=not (s.rt.is_main and tc.progress))
+               disable=None if s.rt.is_main and tc.progress else True)
     with logging_redirect_tqdm(), bar:
         while progress.step < run.total_steps:
             if batches is None or batches[0] != progress.epoch:

@@ -237,7 +237,7 @@ def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor,
     batches = loader(files, [b.tolist() for b in order], workers, False)
     parts = []
     with tqdm(total=len(files), unit="image", delay=1, desc="decoding into memory", leave=False,
-              disable=env_rank() != 0) as bar:
+              disable=None if env_rank() == 0 else True) as bar:  # None: on a terminal
         for index, (images, labels) in zip(order, batches, strict=True):
             parts.append(bad.drop(files, images, labels, index)[:2])
             bar.update(len(index))
