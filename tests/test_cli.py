@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import termios
 
 import pytest
 import torch
@@ -92,3 +98,31 @@ def test_commands_that_train_nothing_never_import_torch(tmp_path, command):
     result = run_cli(PYTHON, "-c", script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert ("model:" if name == "train" else "run_dir:") in result.stdout
+
+
+def _on_a_terminal(args: list[str], cwd) -> str:
+    """What a command prints on a terminal (a pseudo-terminal 120 columns wide)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(args, cwd=cwd, stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the command has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=120) == 0, output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path):
+    command = ["train", "debug=fast", "trainer.progress=true", "logger=none"]
+    piped = run_cli(*command, cwd=tmp_path)
+    assert piped.returncode == 0 and "step 6 validation" in piped.stderr + piped.stdout
+    assert "step/s" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
+    shown = _on_a_terminal(command, tmp_path)
+    assert "6/6 [" in shown and "step/s" in shown and "step 6 validation" in shown
