@@ -102,8 +102,9 @@ def test_evaluate_data_errors(tmp_path, finished_run):
     assert_clean_error(run_cli("evaluate", f"run_dir={finished_run}", "data.path=elsewhere",
                                cwd=tmp_path),
                        "data.path is not a key of this run's data (digits): its keys are")
-    with pytest.raises(UserError, match="data=mnist: evaluate keeps the run's data source"):
-        evaluate_on_source(finished_run, "mnist")
+    for source in ("mnist", 0, ""):  # a data source, or a value that is no source at all
+        with pytest.raises(UserError, match=f"data={source}: evaluate keeps the run's data"):
+            evaluate_on_source(finished_run, source)
 
 
 def evaluate_on_source(run, source):

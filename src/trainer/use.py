@@ -27,7 +27,7 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
 
     path, state, train_cfg = saved_run(cfg)
     data = None
-    if cfg.data:
+    if cfg.data is not None and cfg.data != {}:  # null or {}: the run's own data
         train_cfg, data = _other_data(cfg, state, train_cfg)
     s = build(train_cfg, data)
     metrics, _ = test_checkpoint(s, path, state)
