@@ -84,6 +84,10 @@ def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((run / "metrics.json").read_text())
     assert "test metrics match metrics.json" in (run / "evaluate.log").read_text()
+    if model in ("cnn", "rnn", "transformer"):  # classifiers: the same table of classes
+        table = (run / "samples" / "per_class.txt").read_text()
+        assert table.startswith("class  images  accuracy  most often taken for")
+        assert table in (run / "evaluate.log").read_text()
 
 
 @pytest.mark.parametrize("command", ["train --help", "train --cfg job", "evaluate --help",

@@ -72,6 +72,9 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path, one, t
     assert scalars(two, "val/loss") == pytest.approx(scalars(one, "val/loss"), rel=1e-5)
     assert_close(metrics(two), metrics(one))
     assert_same_weights(two, one)
+    # The ranks' confusion matrices add up to the one process's.
+    per_class = [(run / "samples" / "per_class.txt").read_text() for run in (one, two)]
+    assert per_class[0] == per_class[1] and "most often taken for" in per_class[0]
     accumulated = train_ok(tmp_path / "accumulated", *EXACT, "data.batch_size=4",
                            "trainer.accumulate=2", "device.count=2")
     assert_close(metrics(accumulated), metrics(one))

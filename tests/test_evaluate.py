@@ -7,10 +7,12 @@ import json
 import shutil
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import assert_clean_error, compose_train, run_cli
 from trainer.errors import UserError
+from trainer.tasks.classification import per_class_table
 
 
 def evaluate_on(run, **data):
@@ -112,3 +114,25 @@ def evaluate_on_source(run, source):
 
     return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
                                           "device": None, "data": source}))
+
+
+def test_the_per_class_table_puts_the_worst_class_first_and_names_its_confusions():
+    confusion = torch.tensor([[9, 1, 0],     # cat: 90%, once taken for a dog
+                              [3, 5, 2],     # dog: 50%, taken for a cat 3 times, a bird twice
+                              [0, 0, 10]])   # bird: 100%
+    rows = per_class_table(confusion, ["cat", "dog", "bird"]).splitlines()
+    assert rows[0].split() == ["class", "images", "accuracy", "most", "often", "taken", "for"]
+    assert rows[1].split() == ["dog", "10", "50.0%", "cat", "(3),", "bird", "(2)"]
+    assert rows[2].split() == ["cat", "10", "90.0%", "dog", "(1)"]
+    assert rows[3].split() == ["bird", "10", "100.0%"]
+    assert rows[5].split() == ["true", "\\", "predicted", "cat", "dog", "bird"]
+    assert rows[7].split() == ["dog", "3", "5", "2"]
+
+
+def test_the_per_class_table_of_many_classes_shows_the_worst_twenty():
+    confusion = torch.diag(torch.arange(1, 31)) + 1  # class c: c + 2 right of c + 31
+    classes = [f"c{i}" for i in range(30)]
+    rows = per_class_table(confusion, classes).splitlines()
+    assert [row.split()[0] for row in rows[1:21]] == classes[:20]
+    assert rows[21] == "... and 10 more classes, each at 42.0% or above"
+    assert "predicted" not in "\n".join(rows)  # no 30 x 30 matrix

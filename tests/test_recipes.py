@@ -80,7 +80,7 @@ def test_a_run_with_an_average_validates_and_hands_on_the_average(tmp_path):
     from trainer.loop import build
 
     s = build(compose_train(*EMA_RUN))  # the test split scored with best.pt's `model` entry
-    tested, _ = test_checkpoint(s, tmp_path / "run" / "checkpoints" / "best.pt")
+    tested, _, _ = test_checkpoint(s, tmp_path / "run" / "checkpoints" / "best.pt")
     assert tested == json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 

@@ -96,3 +96,10 @@ def test_a_vae_shows_samples_from_its_prior_and_reports_kl(tmp_path):
     assert {"samples/prior", "samples/reconstruction"} <= set(tags["images"])
     assert {"train/kl", "val/kl", "val/mse", "test/kl"} <= set(tags["scalars"])
     assert (tmp_path / "samples" / "prior.png").is_file()
+
+
+def test_a_classifier_shows_the_test_split_class_by_class(tmp_path):
+    train(compose_train("debug=fast"), tmp_path)
+    assert "test/per_class/text_summary" in events(tmp_path).Tags()["tensors"]
+    table = (tmp_path / "samples" / "per_class.txt").read_text()
+    assert len(table.split("true \\ predicted")[1].splitlines()) == 11  # a row per digit

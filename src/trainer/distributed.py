@@ -128,14 +128,18 @@ class Runtime:
 
         set_optimizer_state_dict(model, optimizer, state, options=_full_state(offload=False))
 
-    def sum_across_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Add up per-rank totals (one collective for all keys) and bring them to the host."""
+    def sum_across_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Add up per-rank totals (one collective for all keys) and bring them to the host:
+        scalars as floats, larger totals (a confusion matrix) as tensors."""
         keys = sorted(totals)
-        stacked = torch.stack([torch.as_tensor(totals[k]).detach().double() for k in keys])
+        parts = [torch.as_tensor(totals[k]).detach().double() for k in keys]
+        flat = torch.cat([part.reshape(-1) for part in parts])
         if self.world > 1:
-            stacked = stacked.to(self.device)  # nccl reduces device tensors, gloo host ones
-            dist.all_reduce(stacked)
-        return dict(zip(keys, stacked.tolist(), strict=True))
+            flat = flat.to(self.device)  # nccl reduces device tensors, gloo host ones
+            dist.all_reduce(flat)
+        summed = flat.cpu().split([part.numel() for part in parts])
+        return {key: value.item() if part.ndim == 0 else value.view(part.shape)
+                for key, value, part in zip(keys, summed, parts, strict=True)}
 
     def any_rank(self, *flags: bool) -> list[bool]:
         """Each flag, true if it is true on any rank. Over a gloo group of host tensors, so

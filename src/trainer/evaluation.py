@@ -15,10 +15,16 @@ if TYPE_CHECKING:
     from trainer.loop import Setup
 
 
-@torch.no_grad()
 def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
                    prefix: str = "test") -> dict[str, float]:
     """The task's metrics over a split (every sample once across ranks), as `prefix/name`."""
+    metrics = s.task.metrics(summed_totals(s, split, max_batches))
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+
+@torch.no_grad()
+def summed_totals(s: Setup, split: Split, max_batches: int | None = None) -> dict[str, Any]:
+    """The task's eval_step totals over a split, every sample once, added up across ranks."""
     s.model.eval()
     totals: dict[str, Tensor] = {}
     n = len(split)
@@ -30,15 +36,17 @@ def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + value.float()
     s.model.train()
-    metrics = s.task.metrics(s.rt.sum_across_ranks(totals))
-    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+    return s.rt.sum_across_ranks(totals)
 
 
 def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None
-                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """Load a checkpoint's weights into the model and measure the test split; also return the
-    validation metrics saved with it. `state` is the checkpoint at `path` if already loaded."""
+                    ) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """Load a checkpoint's weights into the model and measure the test split: its metrics, the
+    validation metrics saved with the checkpoint, and the task's report (a classifier's table
+    of classes). `state` is the checkpoint at `path` if already loaded."""
     state = state or checkpoint.load(path)
     with checkpoint.reported_as_mismatch(path):
         s.rt.load_model_state(s.model, state["model"])
-    return evaluate_split(s, s.data.test), state["metrics"]
+    totals = summed_totals(s, s.data.test)
+    test = {f"test/{key}": value for key, value in s.task.metrics(totals).items()}
+    return test, state["metrics"], s.task.report(totals, s.data.spec)

@@ -305,13 +305,15 @@ def finish(run: Run) -> dict[str, float]:
     """Test best.pt; write metrics.json and the hparams entry."""
     rt = run.s.rt
     rt.barrier()  # rank 0 has written best.pt
-    test, best_val = test_checkpoint(run.s, run.checkpoints / "best.pt")
+    test, best_val, report = test_checkpoint(run.s, run.checkpoints / "best.pt")
     if rt.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
         run.logger.scalars(test, run.progress.step)
+        if report:
+            run.logger.text("test/per_class", report, run.progress.step)
         run.logger.hparams(hparams_of(run.s.cfg), test)
     run.logger.close()
-    log.info("test | %s", _fmt(test))
+    log.info("test | %s%s", _fmt(test), f"\n{report}" if report else "")
     return {**best_val, **test}
 
 

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from trainer.errors import UserError
+from trainer.tables import aligned
 
 RECORD = "job.json"
 
@@ -62,17 +63,11 @@ def write_summary(sweep_dir: Path, metric: str) -> str:
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table]
     (sweep_dir / "sweep_summary.md").write_text(
         f"Sweep {sweep_dir}, best first by {metric}\n\n" + "\n".join(lines) + "\n")
-    return _aligned([header, *table])
+    return aligned([header, *table])
 
 
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
-
-
-def _aligned(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
 
 
 def check_sweeper_overrides(args: list[str]) -> None:

@@ -30,7 +30,9 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     if cfg.data is not None and cfg.data != {}:  # null or {}: the run's own data
         train_cfg, data = _other_data(cfg, state, train_cfg)
     s = build(train_cfg, data)
-    metrics, _ = test_checkpoint(s, path, state)
+    metrics, _, report = test_checkpoint(s, path, state)
+    if report:
+        log.info("test split, by class:\n%s", report)
     saved = Path(cfg.run_dir) / "metrics.json"
     if saved.is_file() and data is None:
         recorded = json.loads(saved.read_text())

@@ -61,6 +61,11 @@ class Task:
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
+    def report(self, totals: dict[str, Any], spec: DataSpec) -> str | None:
+        """A table a user reads beside the test metrics (a classifier's classes, worst first),
+        from the summed totals of `eval_step`. None by default."""
+        return None
+
     def count(self, batch: tuple[Tensor, Tensor]) -> int:
         return batch[1].numel() if self.unit == "tokens" else len(batch[1])
 

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.data import Split
+from trainer.data import DataSpec, Split
+from trainer.tables import aligned
 from trainer.tasks import Task, as_count, mean_of
+
+# Above this many classes no confusion matrix is summed (its size grows as the square).
+MAX_CONFUSION_CLASSES = 1000
 
 
 class Classification(Task):
@@ -39,9 +46,44 @@ class Classification(Task):
     def eval_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         images, labels = batch
         logits = model(images).float()
-        return {"loss": F.cross_entropy(logits, labels, reduction="sum"),
-                "acc": (logits.argmax(-1) == labels).sum().float(),
+        predicted = logits.argmax(-1)
+        sums = {"loss": F.cross_entropy(logits, labels, reduction="sum"),
+                "acc": (predicted == labels).sum().float(),
                 "count": as_count(len(labels), logits)}
+        classes = logits.shape[-1]
+        if classes <= MAX_CONFUSION_CLASSES:  # rows: the true class; columns: the predicted
+            sums["confusion"] = torch.bincount(labels * classes + predicted,
+                                               minlength=classes**2).view(classes, classes)
+        return sums
 
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return mean_of(totals, "loss", "acc")
+
+    def report(self, totals: dict[str, Any], spec: DataSpec) -> str | None:
+        confusion = totals.get("confusion")
+        return None if confusion is None else per_class_table(confusion.long(), spec.classes)
+
+
+def per_class_table(confusion: Tensor, classes: Sequence[str], rows: int = 20) -> str:
+    """Each class's accuracy (the share of its images classified right) and what the rest were
+    taken for, worst first (`rows` of them); below, the whole confusion matrix when it is small
+    enough to read."""
+    images = confusion.sum(1).tolist()
+    share = [int(confusion[c, c]) / max(n, 1) for c, n in enumerate(images)]
+    table = [["class", "images", "accuracy", "most often taken for"]]
+    for label in sorted(range(len(classes)), key=lambda c: (images[c] == 0, share[c], c))[:rows]:
+        wrong = confusion[label].clone()
+        wrong[label] = 0
+        taken = [f"{classes[c]} ({int(wrong[c])})" for c in wrong.argsort(descending=True)[:3]
+                 if wrong[c] > 0]
+        table.append([classes[label], str(images[label]),
+                      f"{share[label]:.1%}" if images[label] else "-", ", ".join(taken)])
+    text = aligned(table, right={1, 2})
+    if len(classes) > rows:
+        text += f"\n... and {len(classes) - rows} more classes, each at {table[-1][2]} or above"
+    if len(classes) <= 12:
+        matrix = [["true \\ predicted", *classes]]
+        matrix += [[name, *map(str, confusion[i].tolist())] for i, name in enumerate(classes)]
+        text += "\n\n" + aligned(matrix, right=range(1, len(classes) + 1))
+    return text
+
