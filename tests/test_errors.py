@@ -41,6 +41,7 @@ from conftest import assert_clean_error, run_cli
                                                   "momentum"]),
     (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
+    (["trainer.keep_best=-1"], ["trainer.keep_best=-1 is out of range: it must be >= 0"]),
     (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
     (["model=gan", "trainer.label_smoothing=0.1"],
      ["trainer.label_smoothing=0.1 applies to classification only"]),
@@ -111,6 +112,12 @@ def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     torch.save(state, path)
     result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert_clean_error(result, "does not match the configured model")
+
+
+def test_a_checkpoint_the_run_lacks_is_named_with_those_it_has(tmp_path, finished_run):
+    result = run_cli("evaluate", f"run_dir={finished_run}", "checkpoint=best-step-7",
+                     cwd=tmp_path)
+    assert_clean_error(result, "checkpoint=best-step-7:", "does not exist; this run has best, last")
 
 
 def test_evaluate_of_a_missing_run(tmp_path):

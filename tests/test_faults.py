@@ -81,14 +81,26 @@ def kill_and_resume(processes, references, tmp_path):
         (want, want_progress), (got, got_progress) = map(weights_and_progress, (reference, run))
         assert got_progress == want_progress
         assert all(torch.equal(want[k], v) for k, v in got.items()), f"killed at {point} {n}"
+        assert checkpoint_names(run) == checkpoint_names(reference)
 
     return check
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(path.name for path in (run / "checkpoints").glob("*.pt"))
 
 
 @pytest.mark.parametrize("point", list(POINTS))
 @pytest.mark.parametrize("model", MODELS)
 def test_a_run_killed_anywhere_resumes_bit_identical(kill_and_resume, model, point):
     kill_and_resume(point, [*RUN, f"model={model}", *DROPOUT.get(model, [])])
+
+
+@pytest.mark.parametrize("point", ["validation", "write"])
+def test_killed_while_keeping_the_best_checkpoints(kill_and_resume, point):
+    # A validation every 2 steps, so copies are kept and dropped; last.pt from step 1 on.
+    kill_and_resume(point, [*RUN, "trainer.val_every=2", "trainer.checkpoint_every=1",
+                            "trainer.keep_best=2"])
 
 
 @pytest.mark.parametrize("point", ["write"])

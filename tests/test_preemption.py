@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import assert_clean_error, compose_train, run_cli, run_dirs
 from trainer import loop
@@ -116,6 +117,43 @@ def test_kept_checkpoints_and_resuming_from_one(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "step-000006.pt at step 6" in result.stdout
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 9
+
+
+def best_copies(run: Path) -> dict[int, float]:
+    """The kept best-step copies: step -> the val/acc saved with it."""
+    return {state(path)["progress"]["step"]: state(path)["metrics"]["val/acc"]
+            for path in (run / "checkpoints").glob("best-step-*.pt")}
+
+
+def test_the_best_validations_are_kept_and_a_resumed_run_keeps_the_same(tmp_path):
+    # digits at 2 steps a validation: accuracies that rise, fall back and tie.
+    keep = ["debug=fast", "trainer.max_steps=12", "trainer.val_every=2", "trainer.keep_best=3"]
+    run = tmp_path / "whole"
+    loop.train(compose_train(*keep), run)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    accuracy = {event.step: event.value for event in events.Scalars("val/acc")}
+    expected = sorted(accuracy, key=lambda step: (-accuracy[step], step))[:3]
+    assert sorted(best_copies(run)) == sorted(expected)
+    assert all(value == pytest.approx(accuracy[step]) for step, value in best_copies(run).items())
+    assert len(set(accuracy.values())) < len(accuracy) - 1  # ties were broken by step
+
+    half = tmp_path / "half"
+    loop.train(compose_train(*keep, "logger=none", "trainer.max_steps=6"), half)
+    saved = OmegaConf.create(state(half / "checkpoints" / "last.pt")["config"])
+    saved.trainer.max_steps, saved.resume = 12, str(half)
+    loop.train(saved, half)
+    assert best_copies(half) == best_copies(run)
+    assert state(half / "checkpoints" / "last.pt")["progress"] == \
+        state(run / "checkpoints" / "last.pt")["progress"]
+
+
+def test_a_gan_keeps_its_newest_validations(tmp_path):
+    run = tmp_path / "run"
+    loop.train(compose_train("debug=fast", "logger=none", "model=gan", "trainer.val_every=2",
+                             "trainer.keep_best=2"), run)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("best-step-*.pt"))
+    assert kept == ["best-step-000004.pt", "best-step-000006.pt"]
 
 
 def test_timed_checkpoints(tmp_path):

@@ -54,6 +54,7 @@ class TrainerConfig:
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = None  # also save last.pt every this many minutes
     keep_last: int = 0  # keep this many step-NNNNNN.pt copies of last.pt
+    keep_best: int = 0  # keep the checkpoints of this many best validations (best-step-NNNNNN.pt)
     skip_nonfinite: int = 0  # skip up to this many steps with a non-finite gradient norm
     monitor: str | None = None
     patience: int = 0
@@ -165,6 +166,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.checkpoint_every", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.checkpoint_minutes", lambda v: v is None or v > 0, "> 0 or null"),
     ("trainer.keep_last", lambda v: v >= 0, ">= 0"),
+    ("trainer.keep_best", lambda v: v >= 0, ">= 0"),
     ("trainer.skip_nonfinite", lambda v: v >= 0, ">= 0"),
     ("trainer.patience", lambda v: v >= 0, ">= 0"),
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),

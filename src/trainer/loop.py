@@ -33,7 +33,7 @@ from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import Loggers, Throughput, announce, build_loggers, hparams_of
 from trainer.optim import decay_groups, device_options
-from trainer.resume import Progress, restore, save
+from trainer.resume import Progress, keep_best, restore, save
 from trainer.signals import Stopped, StopRequest
 from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
@@ -258,6 +258,7 @@ def validation(run: Run, monitor: str | None, mode: str) -> bool:
     improved = _improved(val, monitor, mode, progress)
     if improved:  # best.pt first: a run killed between the two writes redoes this validation
         save(run, "best", val)
+    keep_best(run, val[monitor] if monitor else None, mode == "max", improved, val)
     save(run, "last", val)
     log.info("step %d validation | %s%s", progress.step, _fmt(val),
              " (best)" if improved and monitor else "")

@@ -5,8 +5,9 @@ meant. Resuming from what `save` wrote continues the run bit for bit."""
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ class Progress:
     best: float | None = None  # best value of the monitored metric so far
     stale: int = 0  # validations since it last improved (early stopping)
     skipped: int = 0  # steps skipped for a non-finite gradient (trainer.skip_nonfinite)
+    kept_best: list[list[float]] = field(default_factory=list)  # [value, step] of best-step-*.pt
 
 
 def save(run: Run, name: str, metrics: dict[str, float]) -> None:
@@ -62,6 +64,33 @@ def save(run: Run, name: str, metrics: dict[str, float]) -> None:
             checkpoint.keep_step_copy(path, run.progress.step, run.tc.keep_last)
     if name == "last":
         run.saved_at = time.monotonic()
+
+
+def keep_best(run: Run, value: float | None, higher_is_better: bool, improved: bool,
+              metrics: dict[str, float]) -> None:
+    """trainer.keep_best=K: this validation's checkpoint as best-step-NNNNNN.pt when its
+    monitored `value` is among the K best so far (without a monitor: the K newest); those that
+    drop out of the K are deleted. Called after best.pt is written, before last.pt."""
+    progress, k = run.progress, run.tc.keep_best
+    if not k:
+        return
+    score = progress.step if value is None else value
+    sign = -1 if value is None or higher_is_better else 1
+    entry = [score, progress.step]
+    progress.kept_best = sorted([*progress.kept_best, entry],
+                                key=lambda e: (sign * e[0], e[1]))[:k]
+    name = f"best-step-{progress.step:06d}"
+    if entry in progress.kept_best:
+        if improved and run.s.rt.is_main:  # best.pt holds these weights: link, not a write
+            (run.checkpoints / f"{name}.pt").unlink(missing_ok=True)
+            os.link(run.checkpoints / "best.pt", run.checkpoints / f"{name}.pt")
+        elif not improved:
+            save(run, name, metrics)
+    if run.s.rt.is_main:
+        kept = {f"best-step-{int(step):06d}.pt" for _, step in progress.kept_best}
+        for path in run.checkpoints.glob("best-step-*.pt"):
+            if path.name not in kept:
+                path.unlink()
 
 
 def restore(run: Run, source: Path) -> None:

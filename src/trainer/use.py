@@ -134,6 +134,10 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
     from trainer import checkpoint
 
     path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
+    if not path.is_file() and path.parent.is_dir():
+        names = sorted(p.stem for p in path.parent.glob("*.pt"))
+        raise UserError(f"checkpoint={cfg.checkpoint}: {path} does not exist; this run has "
+                        f"{', '.join(names) or 'no checkpoints'}")
     state = checkpoint.load(path)
     train_cfg = OmegaConf.create(state["config"])
     if cfg.device and cfg.device not in DEVICE_TYPES:
