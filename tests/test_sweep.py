@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli
 from trainer.cli import CONFIG_DIR
-from trainer.sweep import summary_rows, write_record
+from trainer.sweep import summary_rows, write_record, write_summary
 
 TESTS = Path(__file__).parent
 
@@ -47,6 +47,8 @@ def test_a_grid_sweep_records_jobs_failures_and_a_summary(tmp_path):
     assert losses == sorted(losses)  # best first by val/loss
     assert "| job | overrides | status |" in (sweep / "sweep_summary.md").read_text()
     assert "Sweep summary, best first by val/loss" in result.stdout
+    assert "every job: debug=fast\n" in result.stdout  # the table shows what differs
+    assert "| model=cnn model.depth=4 | failed |" in (sweep / "sweep_summary.md").read_text()
 
     # TensorBoard names each job's run by its overrides; the HParams entry is readable.
     [run] = (sweep / "0" / "tensorboard").iterdir()
@@ -64,6 +66,21 @@ def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
             "job": job, "overrides": f"job={job}", "status": status, "seconds": 1.0,
             "error": None if acc else "boom", "metrics": {"val/acc": acc} if acc else {}})
     assert [r["job"] for r in summary_rows(tmp_path, "val/acc")] == [2, 0, 1]
+
+
+def test_the_summary_names_shared_overrides_once_and_shortens_long_numbers(tmp_path):
+    for job, lr in [(0, 0.004015543686135838), (1, 0.00024156772025296256)]:
+        (tmp_path / str(job)).mkdir()
+        write_record(tmp_path / str(job), {
+            "job": job, "overrides": f"optimizer.lr={lr} debug=fast", "status": "completed",
+            "seconds": 1.0, "error": None, "metrics": {"val/loss": lr}})
+    shared, table = write_summary(tmp_path, "val/loss").split("\n\n")
+    assert shared == "every job: debug=fast"
+    assert [line.split()[:2] for line in table.splitlines()[1:]] == [
+        ["1", "optimizer.lr=0.0002416"], ["0", "optimizer.lr=0.004016"]]
+    with open(tmp_path / "sweep_summary.csv") as file:  # the whole overrides, for scripts
+        assert next(csv.DictReader(file))["overrides"] == \
+            "optimizer.lr=0.00024156772025296256 debug=fast"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ def summary_rows(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path, metric: str) -> str:
-    """Write sweep_summary.csv and .md into the sweep directory; return the table as text."""
+    """Write sweep_summary.csv (every job's whole overrides) and .md into the sweep directory;
+    return the table as text. The .md and the text show what differs between jobs: the
+    overrides every job shares are named once above the table, long numbers shortened."""
     rows = summary_rows(sweep_dir, metric)
     metrics = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (k != metric, k))
     header = ["job", "overrides", "status", *metrics, "seconds", "error"]
@@ -59,11 +62,29 @@ def write_summary(sweep_dir: Path, metric: str) -> str:
               r.get("error") or ""] for r in rows]
     with open(sweep_dir / "sweep_summary.csv", "w", newline="") as file:
         csv.writer(file).writerows([header, *table])
+    shared, differing = _split_overrides([r["overrides"] for r in rows])
+    for row, overrides in zip(table, differing, strict=True):
+        row[1] = overrides
+    every = f"every job: {shared}\n\n" if shared else ""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table]
     (sweep_dir / "sweep_summary.md").write_text(
-        f"Sweep {sweep_dir}, best first by {metric}\n\n" + "\n".join(lines) + "\n")
-    return aligned([header, *table])
+        f"Sweep {sweep_dir}, best first by {metric}\n\n{every}" + "\n".join(lines) + "\n")
+    return every + aligned([header, *table])
+
+
+def _split_overrides(overrides: list[str]) -> tuple[str, list[str]]:
+    """What every job's overrides share, and what each job has besides, with long numbers
+    (Optuna's 0.004015543686135838) shortened to 4 significant digits."""
+    jobs = [_shortened(each).split() for each in overrides]
+    shared = set.intersection(*map(set, jobs)) if len(jobs) > 1 else set()
+    return (" ".join(o for o in jobs[0] if o in shared) if shared else "",
+            [" ".join(o for o in job if o not in shared) or "-" for job in jobs])
+
+
+def _shortened(overrides: str) -> str:
+    return re.sub(r"(?<==)-?\d+\.\d{5,}(e-?\d+)?\b", lambda m: f"{float(m.group()):.4g}",
+                  overrides)
 
 
 def _number(value: float | None) -> str:
