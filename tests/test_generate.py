@@ -37,6 +37,25 @@ def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, lan
     assert len(result.stdout.rstrip("\n")) >= 10
 
 
+def test_generate_needs_its_data_only_for_the_default_prompt(tmp_path):
+    """A run's tokenizer is in its checkpoint: with a prompt, generate works where the training
+    text is not; without one it says that the text it would start from is missing."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("BORIS says: the road is long and the night is dark.\n" * 40)
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "model=rnn", "data=text",
+                        f"data.path={corpus}", "data.tokenizer=bpe", "data.vocab_size=300",
+                        "data.block_size=8"), run)
+    command = ["generate", f"run_dir={run}", "prompt=BORIS says", "length=20", "seed=1"]
+    before = run_cli(*command, cwd=tmp_path)
+    corpus.unlink()
+    after = run_cli(*command, cwd=tmp_path)
+    assert after.returncode == 0 and after.stdout == before.stdout, after.stderr
+    assert_clean_error(run_cli("generate", f"run_dir={run}", cwd=tmp_path),
+                       "give prompt=TEXT: without one, generate starts from the run's "
+                       "validation text, and its data cannot be read here", "is not a file")
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["prompt=the Ω"], "the character 'Ω' is not in this char tokenizer's vocabulary"),
     (["length=0"], "length=0 is out of range: it must be >= 1"),

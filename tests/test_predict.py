@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, compose_train, run_cli
 
 
 @pytest.fixture
@@ -111,3 +111,21 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
                         cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         assert (tmp_path / "again" / "grid.png").read_bytes() == (folder / "grid.png").read_bytes()
+
+
+def test_predict_needs_only_the_run_not_its_training_data(tmp_path, image_folder):
+    """The model is sized by the data spec in its checkpoint: a run copied to a machine without
+    its training images (here: the folder renamed) still labels images."""
+    from trainer.loop import train
+
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "data=image_folder",
+                        f"data.path={image_folder}", "data.image_size=8"), run)
+    image = image_folder / "bright" / "0.png"
+    before = run_cli("predict", f"run_dir={run}", f"inputs={image}", cwd=tmp_path)
+    moved = image_folder.rename(tmp_path / "moved")
+    after = run_cli("predict", f"run_dir={run}", f"inputs={moved / 'bright' / '0.png'}",
+                    cwd=tmp_path)
+    assert after.returncode == 0, after.stderr
+    label_and_probability = [r.stdout.splitlines()[1].split(",")[1:] for r in (before, after)]
+    assert label_and_probability[0] == label_and_probability[1]

@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from trainer import checkpoint
 from trainer.averaging import WeightAverage
 from trainer.config import call, instantiate, validate
-from trainer.data import Batch, DataModule, train_batches
+from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
@@ -63,11 +63,17 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     data = data or instantiate(cfg.data, seed=cfg.seed)
     if rt.is_main:
         rt.barrier()
-    task = task_for(cfg.model, data.spec, cfg.trainer.get("label_smoothing", 0.0))
-    model = task.build_model(cfg.model, data.spec)
+    task, model = build_model(cfg, data.spec, rt)
+    return Setup(cfg, rt, data.to(rt.device), task, model)
+
+
+def build_model(cfg: DictConfig, spec: DataSpec, rt: Runtime) -> tuple[Task, nn.Module]:
+    """The task for cfg.model on data of this spec, and its model on rt's device."""
+    task = task_for(cfg.model, spec, cfg.trainer.get("label_smoothing", 0.0))
+    model = task.build_model(cfg.model, spec)
     torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
     model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))
-    return Setup(cfg, rt, data.to(rt.device), task, model)
+    return task, model
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import TextIO
 
 import torch
 
-from trainer.data.files import IMAGE_SUFFIXES, decode
+from trainer.data.files import IMAGE_SUFFIXES, ImageFiles, loader, why_unreadable
 from trainer.data.transforms import to_unit_range
 from trainer.errors import UserError
 
@@ -57,17 +57,22 @@ def _listed_images(listing: Path) -> list[str]:
 
 
 def prepared(paths: list[str], shape: tuple[int, ...]) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Batches of (paths, uint8 images shaped as the model's training images)."""
-    channels, size = shape[0], shape[1]
-    for start in range(0, len(paths), BATCH):
-        chunk = paths[start:start + BATCH]
-        images = []
-        for path in chunk:
-            try:
-                images.append(decode(path, size, channels))
-            except (ValueError, RuntimeError, OSError) as error:
-                raise UserError(f"{path} is not a readable image ({error})") from None
-        yield chunk, torch.stack(images)
+    """Batches of (paths, uint8 images shaped as the model's training images), decoded in
+    worker processes as training streams them; a progress bar on a terminal after a second."""
+    from tqdm import tqdm
+
+    from trainer.data.images import default_workers
+
+    files = ImageFiles(paths, [0] * len(paths), size=shape[1], channels=shape[0])
+    order = torch.arange(len(paths)).split(BATCH)
+    decoded = loader(files, [index.tolist() for index in order], default_workers(), False)
+    with tqdm(total=len(paths), unit="image", delay=1, leave=False, disable=None) as bar:
+        for index, (images, labels) in zip(order, decoded, strict=True):
+            for i in index[labels < 0].tolist()[:1]:  # decoding failed in the worker
+                raise UserError(f"{paths[i]} is not a readable image "
+                                f"({why_unreadable(files, i)})")
+            yield [paths[i] for i in index.tolist()], images
+            bar.update(len(index))
 
 
 @contextmanager

@@ -1,12 +1,14 @@
 """Using a finished run: the jobs behind `evaluate`, `predict`, `generate` and `export-model`.
-Each rebuilds the run's data and model from the config saved in its checkpoint; torch is imported
-only here."""
+Each rebuilds the run's model from the config saved in its checkpoint: `evaluate` and `export`
+with the run's data, `predict` and `generate` from what the checkpoint records of it (so they
+work without the data). torch is imported only here."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +96,16 @@ def generate_job(cfg: DictConfig) -> None:
                               ("top_k", cfg.top_k is None or cfg.top_k >= 1, ">= 1 or null")):
         if not ok:
             raise UserError(f"{key}={cfg[key]} is out of range: it must be {accepted}")
-    s = _language_model_of(cfg)
-    tokenizer = s.task.tokenizer
-    if cfg.prompt is None:  # the start of the validation split, as the samples in TensorBoard
-        ids = s.data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
-    else:
-        ids = tokenizer.encode(cfg.prompt)
+    run = _language_model_of(cfg)
+    tokenizer = run.task.tokenizer
+    ids = _default_prompt(run.cfg) if cfg.prompt is None else tokenizer.encode(cfg.prompt)
     if not ids:
         raise UserError("prompt='' gives no tokens: give some text, or leave prompt out")
-    prompt = torch.tensor(ids, device=s.rt.device)
+    prompt = torch.tensor(ids, device=run.device)
     shown = tokenizer.decode(ids)
     sys.stdout.write(shown)
-    for token in sample(s.model, prompt, cfg.length, cfg.seed, cfg.temperature, top_k=cfg.top_k):
+    for token in sample(run.model, prompt, cfg.length, cfg.seed, cfg.temperature,
+                        top_k=cfg.top_k):
         ids.append(int(token))
         text = tokenizer.decode(ids)
         # A byte-level token may end inside a character: wait until it is whole.
@@ -116,16 +116,31 @@ def generate_job(cfg: DictConfig) -> None:
     sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
 
 
-def _language_model_of(cfg: DictConfig) -> Any:
-    """The Setup of a run's language model, its checkpoint's weights loaded."""
+def _language_model_of(cfg: DictConfig) -> Restored:
+    """A run's language model, its checkpoint's weights loaded."""
     from trainer.tasks.language_model import LanguageModel
 
-    s = restored_run(cfg)
-    if not isinstance(s.task, LanguageModel):
-        model = s.cfg.model._target_.rsplit(".", 1)[-1]
+    run = restored_model(cfg)
+    if not isinstance(run.task, LanguageModel):
+        model = run.cfg.model._target_.rsplit(".", 1)[-1]
         raise UserError(f"{cfg.run_dir} trained a {model} on images: generate needs a language "
                         "model (model=transformer or model=rnn on text data)")
-    return s
+    return run
+
+
+def _default_prompt(train_cfg: DictConfig) -> list[int]:
+    """The start of the run's validation text, as in the samples in TensorBoard: the one thing
+    generate reads the run's data for."""
+    import torch
+
+    from trainer.config import instantiate
+
+    try:
+        data = instantiate(train_cfg.data, seed=train_cfg.seed)
+    except UserError as error:
+        raise UserError(f"give prompt=TEXT: without one, generate starts from the run's "
+                        f"validation text, and its data cannot be read here ({error})") from None
+    return data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
 
 
 def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
@@ -150,7 +165,8 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
 
 
 def restored_run(cfg: DictConfig) -> Any:
-    """The Setup of a finished run, its checkpoint's weights loaded."""
+    """The Setup of a finished run (its data read, as evaluate and export need), its
+    checkpoint's weights loaded."""
     from trainer import checkpoint
     from trainer.loop import build
 
@@ -159,6 +175,39 @@ def restored_run(cfg: DictConfig) -> Any:
     with checkpoint.reported_as_mismatch(path):
         s.model.load_state_dict(state["model"])
     return s
+
+
+@dataclass
+class Restored:
+    """A finished run's model with its checkpoint's weights, and what it needs to be used."""
+
+    cfg: DictConfig  # the run's training config
+    task: Any
+    model: Any
+    spec: Any  # DataSpec: what the model's inputs and outputs mean
+    device: Any
+
+
+def restored_model(cfg: DictConfig) -> Restored:
+    """A finished run's model, sized by the data spec its checkpoint records: no data is read,
+    so predict and generate work where the training data is not (another machine), and start
+    at once on a run of many images (which would all be decoded otherwise)."""
+    from trainer import checkpoint
+    from trainer.data import spec_from_record
+    from trainer.distributed import runtime
+    from trainer.loop import build_model
+
+    path, state, train_cfg = saved_run(cfg)
+    if "data" not in state:  # a checkpoint of an older trainer: its data says what it meant
+        s = restored_run(cfg)
+        return Restored(train_cfg, s.task, s.model, s.data.spec, s.rt.device)
+    validate(train_cfg)
+    rt = runtime(train_cfg.device)
+    spec = spec_from_record(state["data"])
+    task, model = build_model(train_cfg, spec, rt)
+    with checkpoint.reported_as_mismatch(path):
+        model.load_state_dict(state["model"])
+    return Restored(train_cfg, task, model, spec, rt.device)
 
 
 def output_folder(outputs: str | None, default: Path) -> Path:
@@ -180,26 +229,26 @@ def predict_job(cfg: DictConfig) -> None:
     for key, minimum in (("top_k", 1), ("count", 1)):
         if cfg[key] < minimum:
             raise UserError(f"{key}={cfg[key]} is out of range: it must be >= {minimum}")
-    s = restored_run(cfg)
-    spec, device = s.data.spec, s.rt.device
-    if isinstance(s.task, Adversarial):
+    run = restored_model(cfg)
+    spec, device = run.spec, run.device
+    if isinstance(run.task, Adversarial):
         folder = output_folder(cfg.outputs, Path("predictions"))
-        predict.write_samples(s.model, cfg.count, cfg.seed, folder, device)
+        predict.write_samples(run.model, cfg.count, cfg.seed, folder, device)
         log.info("wrote %d samples and grid.png to %s", cfg.count, folder)
         return
-    if not isinstance(s.task, Classification | Reconstruction):
+    if not isinstance(run.task, Classification | Reconstruction):
         raise UserError(f"{cfg.run_dir} is a language model: use generate run_dir=... "
                         "prompt=... for text")
     if cfg.inputs is None:
         raise UserError("inputs=PATH is required: an image, a folder of images or a .txt list")
     paths = predict.input_images(cfg.inputs)
-    if isinstance(s.task, Reconstruction):
+    if isinstance(run.task, Reconstruction):
         folder = output_folder(cfg.outputs, Path("predictions"))
-        predict.write_reconstructions(s.model, spec.in_shape, paths, folder, device)
+        predict.write_reconstructions(run.model, spec.in_shape, paths, folder, device)
         log.info("wrote %d reconstructions and grid.png to %s", len(paths), folder)
         return
     with predict.csv_destination(cfg.outputs) as out:
-        predict.write_predictions(s.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
+        predict.write_predictions(run.model, spec.classes, spec.in_shape, paths, cfg.top_k, out,
                                   device)
     log.info("labelled %d images%s", len(paths), f" into {cfg.outputs}" if cfg.outputs else "")
 

@@ -187,7 +187,7 @@ class BadFiles:
         for i in index[bad].tolist():
             path = files.describe(i)
             if not self.skip:
-                raise UserError(f"{path} cannot be read as an image ({_reason(files, i)}); "
+                raise UserError(f"{path} cannot be read as an image ({why_unreadable(files, i)}); "
                                 "remove it, or set data.skip_bad_files=true to skip such files")
             if path not in self.seen:
                 self.seen.add(path)
@@ -197,7 +197,8 @@ class BadFiles:
         return images[keep], labels[keep], index[keep]
 
 
-def _reason(files: Readable, i: int) -> str:
+def why_unreadable(files: Readable, i: int) -> str:
+    """What decoding image i of `files` says (it gave label -1 in a worker)."""
     try:
         files.load(i)
     except ValueError as error:
