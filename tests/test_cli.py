@@ -123,6 +123,7 @@ def _on_a_terminal(args: list[str], cwd) -> str:
     return output.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path):
     command = ["train", "debug=fast", "trainer.progress=true", "logger=none"]
     piped = run_cli(*command, cwd=tmp_path)

@@ -37,6 +37,7 @@ def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, lan
     assert len(result.stdout.rstrip("\n")) >= 10
 
 
+@pytest.mark.slow
 def test_generate_needs_its_data_only_for_the_default_prompt(tmp_path):
     """A run's tokenizer is in its checkpoint: with a prompt, generate works where the training
     text is not; without one it says that the text it would start from is missing."""

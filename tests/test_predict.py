@@ -113,6 +113,7 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
         assert (tmp_path / "again" / "grid.png").read_bytes() == (folder / "grid.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_predict_needs_only_the_run_not_its_training_data(tmp_path, image_folder):
     """The model is sized by the data spec in its checkpoint: a run copied to a machine without
     its training images (here: the folder renamed) still labels images."""
