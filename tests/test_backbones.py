@@ -4,6 +4,7 @@ from a file (as torchvision's cache would give them; nothing is downloaded here)
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,27 @@ def test_backbone_errors_are_one_clear_line(tmp_path, resnet18_file, monkeypatch
     with pytest.raises(UserError, match=f"model.weights=IMAGENET1K_V1: resnet18's weights are not "
                                         f"at {cached} and could not be downloaded"):
         CNN((1, 8, 8), 10, backbone="resnet18", weights="DEFAULT")
+
+
+def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, resnet18_file):
+    """The checkpoint holds the backbone's weights: evaluate and predict rebuild the model
+    without reading model.weights (a file gone, or torchvision's cache on another machine)."""
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from trainer.loop import train
+    from trainer.use import evaluate_job, restored_model
+
+    weights = Path(shutil.copy(resnet18_file, tmp_path / "resnet18.pt"))
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "model.backbone=resnet18",
+                        f"model.weights={weights}", "model.input_size=null"), run)
+    weights.unlink()
+    command = OmegaConf.create({"run_dir": str(run), "checkpoint": "best", "device": None,
+                                "data": {}, "fid_features": None})
+    assert evaluate_job(command) == json.loads((run / "metrics.json").read_text())
+    model = restored_model(command).model
+    trained = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import DEVICE_TYPES, validate
 from trainer.errors import UserError
+from trainer.models.pretrained import weights_from_checkpoint
 
 log = logging.getLogger("trainer")
 
@@ -31,7 +32,8 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     data = None
     if cfg.data is not None and cfg.data != {}:  # null or {}: the run's own data
         train_cfg, data = _other_data(cfg, state, train_cfg)
-    s = build(train_cfg, data)
+    with weights_from_checkpoint():
+        s = build(train_cfg, data)
     metrics, _, report = test_checkpoint(s, path, state)
     if report:
         log.info("test split, by class:\n%s", report)
@@ -171,7 +173,8 @@ def restored_run(cfg: DictConfig) -> Any:
     from trainer.loop import build
 
     path, state, train_cfg = saved_run(cfg)
-    s = build(train_cfg)
+    with weights_from_checkpoint():
+        s = build(train_cfg)
     with checkpoint.reported_as_mismatch(path):
         s.model.load_state_dict(state["model"])
     return s
@@ -204,7 +207,8 @@ def restored_model(cfg: DictConfig) -> Restored:
     validate(train_cfg)
     rt = runtime(train_cfg.device)
     spec = spec_from_record(state["data"])
-    task, model = build_model(train_cfg, spec, rt)
+    with weights_from_checkpoint():
+        task, model = build_model(train_cfg, spec, rt)
     with checkpoint.reported_as_mismatch(path):
         model.load_state_dict(state["model"])
     return Restored(train_cfg, task, model, spec, rt.device)

@@ -5,6 +5,9 @@ its weights from torchvision's cache, a file, or none."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -14,6 +17,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import UserError
+
+# False while a finished run's model is rebuilt: its checkpoint holds every weight.
+_LOAD_PRETRAINED = ContextVar("load_pretrained", default=True)
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Build backbones without reading their pretrained weights (torchvision's cache, or the
+    file model.weights names): a checkpoint about to be loaded holds them, and the machine a
+    finished run is used on may have neither."""
+    token = _LOAD_PRETRAINED.set(False)
+    try:
+        yield
+    finally:
+        _LOAD_PRETRAINED.reset(token)
 
 
 class Preprocess(nn.Module):
@@ -46,11 +64,12 @@ def backbone(name: str, weights: str | None, input_size: int | str | None, image
         raise UserError(f"model.input_size={input_size!r} is not accepted: auto, a size in "
                         "pixels, or null (the data's size)")
     known = get_model_weights(name)
-    chosen = _torchvision_weights(known, weights)
+    load = _LOAD_PRETRAINED.get()
+    chosen = _torchvision_weights(known, weights, file_must_exist=load)
     network = get_model(name, weights=None)
-    if chosen is not None:
+    if load and chosen is not None:  # else a checkpoint's weights replace these
         network.load_state_dict(_cached_state(name, chosen))
-    elif weights is not None:
+    elif load and weights is not None:
         try:
             network.load_state_dict(_file_state(weights))
         except RuntimeError as error:
@@ -91,14 +110,14 @@ def _check_name(name: str) -> None:
                         "see torchvision.models.list_models(module=torchvision.models)")
 
 
-def _torchvision_weights(known: Any, weights: str | None) -> Any:
+def _torchvision_weights(known: Any, weights: str | None, file_must_exist: bool = True) -> Any:
     """The torchvision weights enum member `weights` names (DEFAULT or a member such as
     IMAGENET1K_V2), or None for no weights or a file."""
     if weights is None:
         return None
     if weights == "DEFAULT" or weights in known.__members__:
         return known[weights]
-    if Path(weights).expanduser().is_file():
+    if Path(weights).expanduser().is_file() or not file_must_exist:
         return None
     raise UserError(f"model.weights={weights!r} is neither a file nor weights of this backbone: "
                     f"use DEFAULT, {', '.join(known.__members__)}, a file of its state_dict, "
