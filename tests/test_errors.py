@@ -71,6 +71,14 @@ def test_divergence_stops_with_advice(tmp_path):
     assert_clean_error(result, "training diverged", "optimizer.lr")
 
 
+def test_a_monitor_that_names_no_metric_stops_the_run_before_its_first_step(tmp_path):
+    result = run_cli("train", "debug=fast", "trainer.monitor=val/accuracy",
+                     "hydra.run.dir=run", cwd=tmp_path)
+    assert_clean_error(result, "trainer.monitor='val/accuracy' is not a validation metric of "
+                       "this task; choose one of val/acc, val/loss")
+    assert "step 2/6" not in result.stdout + result.stderr  # not a step was taken
+
+
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     result = run_cli("train", "resume=outputs/typo", cwd=tmp_path)
     assert_clean_error(result, "'outputs/typo' is not a run directory")

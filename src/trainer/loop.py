@@ -132,6 +132,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
         run.logger.config(OmegaConf.to_yaml(cfg))
     if s.rt.is_main:
         announce(run)
+    if run.progress.step == 0:
+        sanity_check(run)
     with StopRequest() as stop:
         fit(run, stop)
     metrics = finish(run)
@@ -248,6 +250,14 @@ def report(run: Run, running: dict[str, list[Tensor]], meter: Throughput, bar: t
     bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4f}", refresh=False)
     log.info("step %d/%d epoch %d | %s", progress.step, run.total_steps, progress.epoch,
              _fmt(metrics))
+
+
+def sanity_check(run: Run) -> None:
+    """Two validation batches before the first step, as Lightning does: a validation that
+    fails, or a trainer.monitor that names none of its metrics, stops the run now rather than
+    after an epoch of training. It draws from no random generator the training uses."""
+    val = evaluate_split(replace(run.s, model=run.measured), run.s.data.val, 2, prefix="val")
+    _check_monitor(val, _monitor(run.tc.monitor, run.s.task)[0])
 
 
 def validation(run: Run, monitor: str | None, mode: str) -> bool:
@@ -374,9 +384,7 @@ def _improved(metrics: dict[str, float], monitor: str | None, mode: str,
     """Track the best monitored value; without a monitor every validation is the best."""
     if monitor is None:
         return True
-    if monitor not in metrics:
-        raise UserError(f"trainer.monitor={monitor!r} is not a validation metric of this task; "
-                        f"choose one of {', '.join(sorted(metrics))}")
+    _check_monitor(metrics, monitor)
     value = metrics[monitor]
     better = progress.best is None or (value > progress.best if mode == "max"
                                        else value < progress.best)
@@ -385,6 +393,12 @@ def _improved(metrics: dict[str, float], monitor: str | None, mode: str,
     else:
         progress.stale += 1
     return better
+
+
+def _check_monitor(metrics: dict[str, float], monitor: str | None) -> None:
+    if monitor is not None and monitor not in metrics:
+        raise UserError(f"trainer.monitor={monitor!r} is not a validation metric of this task; "
+                        f"choose one of {', '.join(sorted(metrics))}")
 
 
 def _check_finite(loss: float, step: int, cfg: DictConfig, run_dir: Path) -> None:
