@@ -84,8 +84,8 @@ def test_backbone_errors_are_one_clear_line(tmp_path, resnet18_file, monkeypatch
 
 
 def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, resnet18_file):
-    """The checkpoint holds the backbone's weights: evaluate and predict rebuild the model
-    without reading model.weights (a file gone, or torchvision's cache on another machine)."""
+    """The checkpoint holds the backbone's weights: evaluate, predict and a resumed run rebuild
+    the model without reading model.weights (a file gone, or torchvision's cache elsewhere)."""
     import json
     import shutil
 
@@ -105,3 +105,8 @@ def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, re
     model = restored_model(command).model
     trained = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(value, trained[key]) for key, value in model.state_dict().items())
+    resumed = OmegaConf.create(torch.load(run / "checkpoints" / "last.pt",
+                                          weights_only=True)["config"])
+    resumed.trainer.max_steps, resumed.resume = 8, str(run)  # and training goes on
+    train(resumed, run)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] == 8

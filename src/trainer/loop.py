@@ -7,6 +7,7 @@ metrics, samples) lives in the task; everything here is the same for all five ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import Loggers, Throughput, announce, build_loggers, hparams_of
+from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.resume import Progress, keep_best, restore, save
 from trainer.signals import Stopped, StopRequest
@@ -118,7 +120,9 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     In a process group every rank calls this; only rank 0 needs to know `run_dir`. A SIGTERM or
     a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
-    s = build(cfg)
+    # A resumed run's checkpoint holds every weight: pretrained ones are not read again.
+    with weights_from_checkpoint() if cfg.resume else contextlib.nullcontext():
+        s = build(cfg)
     if not cfg.resume:  # before the weight average copies the model; a checkpoint holds the fit
         s.task.fit_to_data(s.model, s.data.train)
     run = prepare(s, Path(s.rt.share(str(run_dir))))
