@@ -246,3 +246,23 @@ def test_a_full_disk_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     cfg.trainer.max_steps, cfg.resume = 3, str(run)
     loop.train(cfg, run)
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 3
+
+
+def test_kept_copies_are_made_where_hard_links_are_not_allowed(tmp_path, monkeypatch):
+    """Some filesystems (exFAT, FUSE mounts of object stores) refuse hard links: the kept
+    checkpoints are then copied."""
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    run = tmp_path / "run"
+    loop.train(compose_train(*RUN, "trainer.max_steps=4", "trainer.checkpoint_every=2",
+                             "trainer.keep_last=2", "trainer.val_every=2",
+                             "trainer.keep_best=1"), run)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert {"step-000002.pt", "step-000004.pt"} <= set(names)
+    assert [n for n in names if n.startswith("best-step-")] == [
+        f"best-step-{state(run / 'checkpoints' / 'best.pt')['progress']['step']:06d}.pt"]
+    assert not [n for n in names if n.endswith(".partial")]
+    kept = state(run / "checkpoints" / "step-000004.pt")
+    assert kept["progress"]["step"] == 4

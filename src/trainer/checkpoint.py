@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,15 +33,30 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def keep_step_copy(last: Path, step: int, keep: int) -> None:
-    """Keep the `keep` newest last.pt as step-NNNNNN.pt beside it: a hard link, no second write
-    (last.pt is replaced by a rename, so the link keeps the old file)."""
+    """Keep the `keep` newest last.pt as step-NNNNNN.pt beside it."""
     if not keep:
         return
-    copy = last.with_name(f"step-{step:06d}.pt")
-    copy.unlink(missing_ok=True)
-    os.link(last, copy)
+    link_or_copy(last, last.with_name(f"step-{step:06d}.pt"))
     for old in sorted(last.parent.glob("step-*.pt"))[:-keep]:
         old.unlink()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a copy of the checkpoint `source`: a hard link, no second write (a checkpoint
+    is replaced by a rename, so the link keeps the old file), or, on a filesystem without hard
+    links, a copy written as atomically as a checkpoint."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        partial = target.with_name(target.name + ".partial")
+        try:
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"could not write checkpoint {target} ({error.strerror or error}); "
+                            f"{source.name} is kept: free space, then resume") from None
 
 
 def resume_path(resume: str) -> Path:

@@ -5,7 +5,6 @@ meant. Resuming from what `save` wrote continues the run bit for bit."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,9 +80,8 @@ def keep_best(run: Run, value: float | None, higher_is_better: bool, improved: b
                                 key=lambda e: (sign * e[0], e[1]))[:k]
     name = f"best-step-{progress.step:06d}"
     if entry in progress.kept_best:
-        if improved and run.s.rt.is_main:  # best.pt holds these weights: link, not a write
-            (run.checkpoints / f"{name}.pt").unlink(missing_ok=True)
-            os.link(run.checkpoints / "best.pt", run.checkpoints / f"{name}.pt")
+        if improved and run.s.rt.is_main:  # best.pt holds these weights
+            checkpoint.link_or_copy(run.checkpoints / "best.pt", run.checkpoints / f"{name}.pt")
         elif not improved:
             save(run, name, metrics)
     if run.s.rt.is_main:
