@@ -137,3 +137,24 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
                                         "torch_export: "):
         export_job(export_cfg(run))
     assert not (run / "export" / "model.pt2").exists()
+
+
+@pytest.mark.slow
+def test_export_without_the_run_data_checks_on_random_inputs(tmp_path, text_file):
+    """A run copied where its data is not: the export is checked on random inputs of the data's
+    shape (token ids here) instead of test inputs, and says so."""
+    from trainer.loop import train
+    from trainer.use import export_job
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text_file.read_text())
+    run = tmp_path / "run"
+    train(compose_train("debug=fast", "logger=none", "model=transformer", "data=text",
+                        f"data.path={corpus}", "data.block_size=16"), run)
+    assert export_job(export_cfg(run))["checked_on"] == "test inputs"
+    corpus.unlink()
+    entry = export_job(export_cfg(run, "onnx"))
+    assert entry["checked_on"] == "random inputs" and entry["max_abs_diff"] <= 1e-4
+    formats = json.loads((run / "export" / "export.json").read_text())["formats"]
+    assert formats["onnx"]["checked_on"] == "random inputs"
+    assert formats["torch_export"]["checked_on"] == "test inputs"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from trainer.config import instantiate
+from trainer.data import DataSpec
 from trainer.errors import UserError
 from trainer.loop import Setup
 
@@ -42,9 +43,32 @@ ONNX_SINGLE_FILE_BYTES = 1 << 30  # larger weights go to model.onnx.data (protob
 Shapes = tuple[dict[int, Any]] | None  # torch.export's dynamic_shapes of the one input
 
 
-def export(s: Setup, fmt: str, folder: Path, count: int) -> dict[str, Any]:
-    """Write the run's model to folder/FILES[fmt], check it, and describe it in export.json.
-    Returns the format's entry there: file, inputs checked, largest difference."""
+class RandomInputs:
+    """Where the run's data cannot be read (a run copied elsewhere), the test split export
+    checks itself on: seeded random inputs of the data's shape, images in [-1, 1] or token ids
+    of the vocabulary, one context long."""
+
+    def __init__(self, spec: DataSpec, count: int, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(0)
+        if spec.kind == "text":
+            self.inputs = torch.randint(spec.vocab_size, (count, spec.block_size),
+                                        generator=generator)
+        else:
+            self.inputs = torch.rand(count, *spec.in_shape, generator=generator) * 2 - 1
+        self.inputs = self.inputs.to(device)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], torch.zeros(len(index), dtype=torch.long)
+
+
+def export(s: Setup, fmt: str, folder: Path, count: int, checked_on: str = "test inputs"
+           ) -> dict[str, Any]:
+    """Write the run's model to folder/FILES[fmt], check it on `count` inputs of s.data.test
+    (`checked_on` says what they are), and describe it in export.json. Returns the format's
+    entry there: file, inputs checked, largest difference."""
     if fmt not in FILES:
         raise UserError(f"format={fmt!r} is not an export format: use one of {', '.join(FILES)}")
     missing = [name for name in EXTRA.get(fmt, ()) if importlib.util.find_spec(name) is None]
@@ -73,7 +97,8 @@ def export(s: Setup, fmt: str, folder: Path, count: int) -> dict[str, Any]:
         raise UserError(f"the exported {path} disagrees with the PyTorch model: outputs differ "
                         f"by up to {difference:.3g} (more than {TOLERANCE}) on {len(inputs)} "
                         "test inputs")
-    entry = {"file": path.name, "inputs_checked": len(inputs), "max_abs_diff": difference}
+    entry = {"file": path.name, "inputs_checked": len(inputs), "checked_on": checked_on,
+             "max_abs_diff": difference}
     if shapes:
         entry["dynamic"] = [dim.__name__ for dim in shapes[0].values()]
     _describe(s, module, inputs, folder, fmt, entry)

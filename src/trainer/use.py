@@ -1,7 +1,7 @@
 """Using a finished run: the jobs behind `evaluate`, `predict`, `generate` and `export-model`.
-Each rebuilds the run's model from the config saved in its checkpoint: `evaluate` and `export`
-with the run's data, `predict` and `generate` from what the checkpoint records of it (so they
-work without the data). torch is imported only here."""
+Each rebuilds the run's model from the config and the data spec saved in its checkpoint, so they
+work where the run's data is not; `evaluate` needs the data, `export` and `generate` use it when
+they can (test inputs, the default prompt). torch is imported only here."""
 
 from __future__ import annotations
 
@@ -188,7 +188,11 @@ class Restored:
     task: Any
     model: Any
     spec: Any  # DataSpec: what the model's inputs and outputs mean
-    device: Any
+    rt: Any  # the Runtime: device, precision
+
+    @property
+    def device(self) -> Any:
+        return self.rt.device
 
 
 def restored_model(cfg: DictConfig) -> Restored:
@@ -203,7 +207,7 @@ def restored_model(cfg: DictConfig) -> Restored:
     path, state, train_cfg = saved_run(cfg)
     if "data" not in state:  # a checkpoint of an older trainer: its data says what it meant
         s = restored_run(cfg)
-        return Restored(train_cfg, s.task, s.model, s.data.spec, s.rt.device)
+        return Restored(train_cfg, s.task, s.model, s.data.spec, s.rt)
     validate(train_cfg)
     rt = runtime(train_cfg.device)
     spec = spec_from_record(state["data"])
@@ -211,7 +215,7 @@ def restored_model(cfg: DictConfig) -> Restored:
         task, model = build_model(train_cfg, spec, rt)
     with checkpoint.reported_as_mismatch(path):
         model.load_state_dict(state["model"])
-    return Restored(train_cfg, task, model, spec, rt.device)
+    return Restored(train_cfg, task, model, spec, rt)
 
 
 def output_folder(outputs: str | None, default: Path) -> Path:
@@ -266,8 +270,29 @@ def export_job(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"count={cfg.count} is out of range: it must be >= 3 (test inputs to "
                         "check the export on: more than the 2 it is traced with)")
     folder = output_folder(cfg.outputs, Path(cfg.run_dir) / "export")
-    entry = export(restored_run(cfg), cfg.format, folder, cfg.count)
-    log.info("exported %s: outputs equal PyTorch's within %.2g on %d test inputs",
-             folder / entry["file"], entry["max_abs_diff"], entry["inputs_checked"])
+    s, checked_on = _exportable(cfg)
+    entry = export(s, cfg.format, folder, cfg.count, checked_on)
+    log.info("exported %s: outputs equal PyTorch's within %.2g on %d %s",
+             folder / entry["file"], entry["max_abs_diff"], entry["inputs_checked"], checked_on)
     print(json.dumps(entry))
     return entry
+
+
+def _exportable(cfg: DictConfig) -> tuple[Any, str]:
+    """The run's Setup for export, and what its checks run on: the test split of the run's data,
+    or, where that cannot be read here, random inputs of its shape."""
+    from trainer.config import instantiate
+    from trainer.data import DataModule
+    from trainer.export import RandomInputs
+    from trainer.loop import Setup
+
+    run = restored_model(cfg)
+    try:
+        data = instantiate(run.cfg.data, seed=run.cfg.seed)
+    except UserError as error:
+        log.warning("the run's data cannot be read here (%s): the export is checked on random "
+                    "inputs of its shape instead of test inputs", error)
+        inputs = RandomInputs(run.spec, max(cfg.count, 2), run.rt.device)
+        return Setup(run.cfg, run.rt, DataModule(run.spec, inputs, inputs, inputs, 1), run.task,
+                     run.model), "random inputs"
+    return Setup(run.cfg, run.rt, data.to(run.rt.device), run.task, run.model), "test inputs"
