@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer import loop
+from trainer import loop, validation
 
 
 def die() -> None:
@@ -70,7 +70,7 @@ def dying_write(real: Any, state: Any, file: Any) -> None:
 
 
 TARGETS = {"step": (loop, "train_step", dying_step),
-           "validation": (loop, "evaluate_split", dying_validation),
+           "validation": (validation, "evaluate_split", dying_validation),
            "write": (torch, "save", dying_write)}
 
 

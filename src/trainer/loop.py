@@ -1,20 +1,20 @@
 """The one training loop: build everything from the config, step, validate, checkpoint, test.
 
 Read `train` top to bottom: it is the whole recipe (build, prepare, restore, fit, finish), and
-`fit` the whole loop, each cadence decision a small named function. Per-family behaviour (losses,
-metrics, samples) lives in the task; everything here is the same for all five architectures.
+`fit` the whole loop, each cadence decision a small named function; what a validation does, and
+the final test, are in validation.py. Per-family behaviour (losses, metrics, samples) lives in the
+task; everything here is the same for all five architectures.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,14 +31,20 @@ from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
-from trainer.evaluation import evaluate_split, test_checkpoint
-from trainer.logging import Loggers, Throughput, announce, build_loggers, hparams_of
+from trainer.logging import Loggers, Throughput, announce, build_loggers
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
-from trainer.resume import Progress, keep_best, restore, save
+from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
-from trainer.sweep import higher_is_better
 from trainer.tasks import Task, task_for
+from trainer.validation import (
+    check_finite,
+    finish,
+    format_metrics,
+    monitor_of,
+    sanity_check,
+    validation,
+)
 
 log = logging.getLogger("trainer")
 
@@ -180,7 +186,7 @@ def prepare(s: Setup, run_dir: Path) -> Run:
 def fit(run: Run, stop: StopRequest) -> None:
     """Step until the budget is spent, early stopping triggers, or a signal asks to stop."""
     s, progress, tc = run.s, run.progress, run.tc
-    monitor, mode = _monitor(tc.monitor, s.task)
+    monitor, mode = monitor_of(tc.monitor, s.task)
     flops = getattr(s.model, "flops_per_item", lambda: 0.0)()  # per image, or per text token
     meter = Throughput(s.task.unit, s.rt.device, flops, s.rt.world)
     running: dict[str, list[Tensor]] = {}  # train/ scalars of each step since the last report
@@ -245,7 +251,7 @@ def report(run: Run, running: dict[str, list[Tensor]], meter: Throughput, bar: t
         if running else {}  # empty when every step since the last report was skipped
     metrics = {f"train/{k}": v / (max(steps, 1) * rt.world) for k, v in sums.items()}
     if "train/loss" in metrics:  # absent when every step since the last report was skipped
-        _check_finite(metrics["train/loss"], progress.step, run.s.cfg, run.run_dir)
+        check_finite(metrics["train/loss"], progress.step, run.s.cfg, run.run_dir)
     metrics["train/lr"] = run.optimizers[-1].param_groups[0]["lr"]
     if run.tc.skip_nonfinite:
         metrics["train/skipped_steps"] = progress.skipped
@@ -253,39 +259,11 @@ def report(run: Run, running: dict[str, list[Tensor]], meter: Throughput, bar: t
     # refresh=False: drawn at the bar's next tick rather than now (a redraw costs half a ms)
     bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4f}", refresh=False)
     log.info("step %d/%d epoch %d | %s", progress.step, run.total_steps, progress.epoch,
-             _fmt(metrics))
+             format_metrics(metrics))
 
 
-def sanity_check(run: Run) -> None:
-    """Two validation batches before the first step, as Lightning does: a validation that
-    fails, or a trainer.monitor that names none of its metrics, stops the run now rather than
-    after an epoch of training. It draws from no random generator the training uses."""
-    val = evaluate_split(replace(run.s, model=run.measured), run.s.data.val, 2, prefix="val")
-    _check_monitor(val, _monitor(run.tc.monitor, run.s.task)[0])
 
 
-def validation(run: Run, monitor: str | None, mode: str) -> bool:
-    """Measure the validation split, show samples, save last.pt (and best.pt when it improved).
-    Returns whether early stopping ends the run."""
-    s, progress, tc = run.s, run.progress, run.tc
-    measured = run.measured
-    val = evaluate_split(replace(s, model=measured), s.data.val, tc.eval_batches, prefix="val")
-    _check_finite(val["val/loss"], progress.step, s.cfg, run.run_dir)
-    run.logger.scalars(val, progress.step)
-    measured.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
-    s.task.show(measured, s.data.val, run.logger, progress.step)
-    measured.train()
-    improved = _improved(val, monitor, mode, progress)
-    if improved:  # best.pt first: a run killed between the two writes redoes this validation
-        save(run, "best", val)
-    keep_best(run, val[monitor] if monitor else None, mode == "max", improved, val)
-    save(run, "last", val)
-    log.info("step %d validation | %s%s", progress.step, _fmt(val),
-             " (best)" if improved and monitor else "")
-    if tc.patience and progress.stale >= tc.patience:
-        log.info("early stop: %s did not improve in %d validations", monitor, tc.patience)
-        return True
-    return False
 
 
 def _count_skipped(run: Run) -> None:
@@ -322,20 +300,6 @@ def _checkpoint_due(run: Run) -> bool:
         time.monotonic() - run.saved_at >= 60 * minutes
 
 
-def finish(run: Run) -> dict[str, float]:
-    """Test best.pt; write metrics.json and the hparams entry."""
-    rt = run.s.rt
-    rt.barrier()  # rank 0 has written best.pt
-    test, best_val, report = test_checkpoint(run.s, run.checkpoints / "best.pt")
-    if rt.is_main:
-        (run.run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
-        run.logger.scalars(test, run.progress.step)
-        if report:
-            run.logger.text("test/per_class", report, run.progress.step)
-        run.logger.hparams(hparams_of(run.s.cfg), test)
-    run.logger.close()
-    log.info("test | %s%s", _fmt(test), f"\n{report}" if report else "")
-    return {**best_val, **test}
 
 
 def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
@@ -377,40 +341,10 @@ def _mean_of_micro_batches(values: list[Tensor], n: int) -> Tensor:
     return total if n == 1 else total / n
 
 
-def _monitor(name: str | None, task: Task) -> tuple[str | None, str]:
-    if name is None:
-        return task.monitor or (None, "min")
-    return name, "max" if higher_is_better(name) else "min"
 
 
-def _improved(metrics: dict[str, float], monitor: str | None, mode: str,
-              progress: Progress) -> bool:
-    """Track the best monitored value; without a monitor every validation is the best."""
-    if monitor is None:
-        return True
-    _check_monitor(metrics, monitor)
-    value = metrics[monitor]
-    better = progress.best is None or (value > progress.best if mode == "max"
-                                       else value < progress.best)
-    if better:
-        progress.best, progress.stale = value, 0
-    else:
-        progress.stale += 1
-    return better
 
 
-def _check_monitor(metrics: dict[str, float], monitor: str | None) -> None:
-    if monitor is not None and monitor not in metrics:
-        raise UserError(f"trainer.monitor={monitor!r} is not a validation metric of this task; "
-                        f"choose one of {', '.join(sorted(metrics))}")
 
 
-def _check_finite(loss: float, step: int, cfg: DictConfig, run_dir: Path) -> None:
-    if not math.isfinite(loss):
-        raise UserError(f"the loss is {loss} at step {step}: training diverged. Lower "
-                        f"optimizer.lr (now {cfg.optimizer.lr}) or set trainer.grad_clip; "
-                        f"checkpoints saved so far are kept in {run_dir / 'checkpoints'}")
 
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
