@@ -18,8 +18,7 @@ if TYPE_CHECKING:
 def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
                    prefix: str = "test") -> dict[str, float]:
     """The task's metrics over a split (every sample once across ranks), as `prefix/name`."""
-    metrics = s.task.metrics(summed_totals(s, split, max_batches))
-    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+    return _prefixed(s.task.metrics(summed_totals(s, split, max_batches)), prefix)
 
 
 @torch.no_grad()
@@ -48,5 +47,9 @@ def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None
     with checkpoint.reported_as_mismatch(path):
         s.rt.load_model_state(s.model, state["model"])
     totals = summed_totals(s, s.data.test)
-    test = {f"test/{key}": value for key, value in s.task.metrics(totals).items()}
-    return test, state["metrics"], s.task.report(totals, s.data.spec)
+    return (_prefixed(s.task.metrics(totals), "test"), state["metrics"],
+            s.task.report(totals, s.data.spec))
+
+
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
