@@ -96,7 +96,7 @@ def export(s: Setup, fmt: str, folder: Path, count: int, checked_on: str = "test
         path.unlink()  # a wrong model must not be served
         raise UserError(f"the exported {path} disagrees with the PyTorch model: outputs differ "
                         f"by up to {difference:.3g} (more than {TOLERANCE}) on {len(inputs)} "
-                        "test inputs")
+                        f"{checked_on}")
     entry = {"file": path.name, "inputs_checked": len(inputs), "checked_on": checked_on,
              "max_abs_diff": difference}
     if shapes:

@@ -38,11 +38,11 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 def gan_fid(s: Any, features_run: str, seed: int = 0) -> float:
     """FID of the GAN in Setup `s` against its test images, with `features_run`'s classifier."""
     from trainer.tasks.classification import Classification
-    from trainer.use import restored_run
+    from trainer.use import restored_model
 
-    classifier = restored_run(OmegaConf.create({"run_dir": features_run, "checkpoint": "best",
-                                                "device": str(s.rt.device)}))
-    if classifier.data.spec.in_shape != s.data.spec.in_shape or \
+    classifier = restored_model(OmegaConf.create({"run_dir": features_run, "checkpoint": "best",
+                                                  "device": str(s.rt.device)}))
+    if classifier.spec.in_shape != s.data.spec.in_shape or \
             not isinstance(classifier.task, Classification):
         raise UserError(f"fid_features={features_run} is not a classifier of "
                         f"{list(s.data.spec.in_shape)} images: give the run directory of a cnn "

@@ -167,8 +167,8 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
 
 
 def restored_run(cfg: DictConfig) -> Any:
-    """The Setup of a finished run (its data read, as evaluate and export need), its
-    checkpoint's weights loaded."""
+    """The Setup of a finished run, its data read and its checkpoint's weights loaded (for a
+    checkpoint of an older trainer, which records no data spec; else see restored_model)."""
     from trainer import checkpoint
     from trainer.loop import build
 
@@ -197,8 +197,9 @@ class Restored:
 
 def restored_model(cfg: DictConfig) -> Restored:
     """A finished run's model, sized by the data spec its checkpoint records: no data is read,
-    so predict and generate work where the training data is not (another machine), and start
-    at once on a run of many images (which would all be decoded otherwise)."""
+    so predict, generate, export and FID's classifier work where the training data is not
+    (another machine), and start at once on a run of many images (which would all be decoded
+    otherwise)."""
     from trainer import checkpoint
     from trainer.data import spec_from_record
     from trainer.distributed import runtime
@@ -292,7 +293,7 @@ def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     except UserError as error:
         log.warning("the run's data cannot be read here (%s): the export is checked on random "
                     "inputs of its shape instead of test inputs", error)
-        inputs = RandomInputs(run.spec, max(cfg.count, 2), run.rt.device)
+        inputs = RandomInputs(run.spec, cfg.count, run.rt.device)
         return Setup(run.cfg, run.rt, DataModule(run.spec, inputs, inputs, inputs, 1), run.task,
                      run.model), "random inputs"
     return Setup(run.cfg, run.rt, data.to(run.rt.device), run.task, run.model), "test inputs"
