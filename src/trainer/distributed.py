@@ -293,4 +293,3 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         raise Stopped(f"stopped by {signal.Signals(error.sigval).name}: the training processes "
                       "saved last.pt (the resume command is printed above)") from None
     return results.get(0)
-

@@ -262,10 +262,6 @@ def report(run: Run, running: dict[str, list[Tensor]], meter: Throughput, bar: t
              format_metrics(metrics))
 
 
-
-
-
-
 def _count_skipped(run: Run) -> None:
     """trainer.skip_nonfinite: a few non-finite steps are skipped; more end the run."""
     run.progress.skipped += 1
@@ -298,8 +294,6 @@ def _checkpoint_due(run: Run) -> bool:
     minutes = run.tc.checkpoint_minutes
     return bool(minutes) and run.s.rt.is_main and \
         time.monotonic() - run.saved_at >= 60 * minutes
-
-
 
 
 def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
@@ -339,12 +333,3 @@ def _mean_of_micro_batches(values: list[Tensor], n: int) -> Tensor:
     accumulation and with one stage, no arithmetic at all (each op costs the loop time)."""
     total = values[0] if len(values) == 1 else torch.stack(values).sum()
     return total if n == 1 else total / n
-
-
-
-
-
-
-
-
-

@@ -86,4 +86,3 @@ def per_class_table(confusion: Tensor, classes: Sequence[str], rows: int = 20) -
         matrix += [[name, *map(str, confusion[i].tolist())] for i, name in enumerate(classes)]
         text += "\n\n" + aligned(matrix, right=range(1, len(classes) + 1))
     return text
-
