@@ -204,6 +204,9 @@ def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
     # Float sums in another order move the last digits; Adam can enlarge them a little.
     for key, value in metrics(one).items():
         assert metrics(whole)[key] == pytest.approx(value, rel=1e-4), key
+    # The gradient norm is the whole model's, gathered from the shards.
+    assert scalars(whole, "train/grad_norm") == pytest.approx(scalars(one, "train/grad_norm"),
+                                                              rel=1e-4)
     # Stopped at step 4 and resumed sharded: the same weights as never stopping.
     split = train_ok(tmp_path / "split", *args, "trainer.max_steps=4")
     result = run_cli("train", f"resume={split}", "trainer.max_steps=6", cwd=tmp_path / "split")

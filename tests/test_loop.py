@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import MODELS, compose_train
 from trainer.errors import UserError
-from trainer.loop import train
+from trainer.loop import build, train, train_step
 
 DROPOUT_RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
                "trainer.val_every=4"]
@@ -47,6 +47,25 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     assert accumulated["test/loss"] == pytest.approx(large["test/loss"], rel=1e-5)
     for key, value in weights(tmp_path / "large").items():
         torch.testing.assert_close(weights(tmp_path / "accumulated")[key], value)
+
+
+def test_the_logged_gradient_norm_is_the_accumulated_gradients_before_clipping():
+    s = build(compose_train("debug=fast", "model.dropout=0"))
+    micro_batches = [s.data.train.batch(torch.arange(i, i + 8)) for i in (0, 8)]
+    by_hand = [p.detach().clone() for p in s.model.parameters()]
+    s.model.zero_grad()
+    sum(s.task.training_step(s.model, b, 0)[0] for b in micro_batches).div(2).backward()
+    expected = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad) for p in s.model.parameters()]))
+    assert expected > 1e-3  # so clipping at 1e-3 changes the gradient
+    optimizer = torch.optim.SGD(s.model.parameters(), lr=1.0)
+    logs, skipped = train_step(s.task, s.model, [optimizer], torch.amp.GradScaler("cpu",
+                               enabled=False), micro_batches, s.rt, grad_clip=1e-3)
+    torch.testing.assert_close(logs["grad_norm"], expected)
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - q) for p, q in
+                                                  zip(s.model.parameters(), by_hand, strict=True)]))
+    assert moved.item() == pytest.approx(1e-3, rel=1e-3)  # the step took the clipped gradient
+    assert not skipped
 
 
 @pytest.mark.parametrize("precision", ["bf16", "16"])

@@ -31,7 +31,8 @@ def gan_run(tmp_path_factory):
 def test_scalars_images_config_and_hparams(gan_run):
     tags = events(gan_run).Tags()
     for tag in ("train/loss", "train/d_loss", "train/g_loss", "train/d_real", "train/d_fake",
-                "train/lr", "val/loss", "test/loss", "test/d_loss", "perf/samples_per_s",
+                "train/d_grad_norm", "train/g_grad_norm", "train/lr", "val/loss", "test/loss",
+                "test/d_loss", "perf/samples_per_s",
                 "perf/step_ms", "perf/data_wait_pct", "perf/peak_mem_mb"):
         assert tag in tags["scalars"], tag
     assert "samples/generated" in tags["images"]

@@ -301,9 +301,11 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
                rt: Runtime, grad_clip: float, skip_nonfinite: bool = False
                ) -> tuple[dict[str, Tensor], bool]:
     """One optimizer step per optimizer, each over all micro-batches, and whether a step was
-    skipped for a non-finite gradient norm. No host sync unless `skip_nonfinite` asks for one."""
+    skipped for a non-finite gradient norm. No host sync unless `skip_nonfinite` asks for one.
+    The train/ scalars include each optimizer's gradient norm before clipping, when computed."""
     n = len(micro_batches)
     logs: dict[str, list[Tensor]] = {"loss": []}  # "loss" sums every stage's loss
+    norms: dict[str, Tensor] = {}  # one per stage, not per micro-batch
     skipped = False
     for stage, optimizer in enumerate(optimizers):
         for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
@@ -319,13 +321,17 @@ def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
             scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             norm = nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
+            norms[f"{task.stages[stage]}grad_norm"] = norm.detach().float()
             # The gradients are all-reduced, so every rank sees the same norm and skips alike.
             if skip_nonfinite and not torch.isfinite(norm).item():  # host sync
                 skipped = True
                 continue
         scaler.step(optimizer)
     scaler.update()
-    return {key: _mean_of_micro_batches(values, n) for key, values in logs.items()}, skipped
+    means = {key: _mean_of_micro_batches(values, n) for key, values in logs.items()}
+    return {**means, **norms}, skipped
 
 
 def _mean_of_micro_batches(values: list[Tensor], n: int) -> Tensor:

@@ -25,6 +25,7 @@ class Task:
 
     monitor: tuple[str, str] | None = ("val/loss", "min")  # best.pt; None keeps the latest
     unit = "samples"  # what perf/<unit>_per_s counts
+    stages = ("",)  # each optimizer's prefix for its train/ scalars, such as train/grad_norm
 
     # What an exported model takes and gives (export.json says it to the serving side).
     served_input = "images scaled to [-1, 1] (pixel / 127.5 - 1), channels first"

@@ -23,6 +23,7 @@ class Adversarial(Task):
 
     monitor = None  # no loss says which GAN checkpoint is best: best.pt is the latest
     samples = 64
+    stages = ("d_", "g_")  # train/d_grad_norm, train/g_grad_norm
 
     served_input = "latent vectors drawn from a standard normal distribution"
     served_output = "generated images in [-1, 1] (pixel = (x + 1) * 127.5), channels first"
