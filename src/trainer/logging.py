@@ -195,10 +195,8 @@ def announce(run: Run) -> None:
     per_step = s.data.batch_size * rt.world * tc.accumulate
     batch = f"{per_step} images" if spec.kind == "image" else \
         f"{per_step} x {spec.block_size} tokens"
-    where = run.run_dir.resolve()
-    where = where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd()) else where
-    log.info("run %s: %s steps of %s, %s per epoch%s", where, f"{run.total_steps:,}", batch,
-             f"{run.steps_per_epoch:,}",
+    log.info("run %s: %s steps of %s, %s per epoch%s", shown(run.run_dir),
+             f"{run.total_steps:,}", batch, f"{run.steps_per_epoch:,}",
              f", continuing from step {run.progress.step:,}" if run.progress.step else "")
     weights = list(s.model.parameters())
     total = sum(w.numel() for w in weights)
@@ -209,3 +207,9 @@ def announce(run: Run) -> None:
     log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
              "es" if rt.world > 1 else "", rt.precision,
              ", compiled" if s.cfg.device.compile else "")
+
+
+def shown(path: Path) -> Path:
+    """`path` as a user would type it here: relative to the working directory when inside it."""
+    path = path.resolve()
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path

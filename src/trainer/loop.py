@@ -34,6 +34,7 @@ from trainer.errors import UserError
 from trainer.logging import Loggers, Throughput, announce, build_loggers
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
+from trainer.profiling import profiled
 from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
 from trainer.tasks import Task, task_for
@@ -194,7 +195,7 @@ def fit(run: Run, stop: StopRequest) -> None:
     # disable=None: only on a terminal; a redirected log (a cluster job's) keeps plain lines.
     bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
                disable=None if s.rt.is_main and tc.progress else True)
-    with logging_redirect_tqdm(), bar:
+    with logging_redirect_tqdm(), bar, profiled(run) as profile_step:
         while progress.step < run.total_steps:
             if batches is None or batches[0] != progress.epoch:
                 order = train_batches(len(s.data.train), s.data.batch_size, s.cfg.seed,
@@ -210,6 +211,7 @@ def fit(run: Run, stop: StopRequest) -> None:
             if skipped:
                 _count_skipped(run)
             bar.update()
+            profile_step()
             if progress.step % tc.log_every == 0 or progress.step == run.total_steps:
                 report(run, running, meter, bar)
                 running.clear()
