@@ -29,7 +29,9 @@ def test_train_leaves_a_complete_run_directory(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"test/loss", "test/acc"}
     log = (run / "train.log").read_text()
-    assert "test | test/loss=" in log
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert (f"test of best.pt (step {best['progress']['step']}, "
+            f"val/acc={best['metrics']['val/acc']:.4g}) | test/loss=") in log
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     expected = {"model", "optimizers", "schedulers", "scaler", "progress", "rng", "config"}
     assert expected <= set(state)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from trainer import checkpoint
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import hparams_of
@@ -61,7 +62,8 @@ def finish(run: Run) -> dict[str, float]:
     """Test best.pt; write metrics.json and the hparams entry."""
     rt = run.s.rt
     rt.barrier()  # rank 0 has written best.pt
-    test, best_val, report = test_checkpoint(run.s, run.checkpoints / "best.pt")
+    best = checkpoint.load(run.checkpoints / "best.pt")
+    test, best_val, report = test_checkpoint(run.s, run.checkpoints / "best.pt", best)
     if rt.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(test, indent=2) + "\n")
         run.logger.scalars(test, run.progress.step)
@@ -69,7 +71,10 @@ def finish(run: Run) -> dict[str, float]:
             run.logger.text("test/per_class", report, run.progress.step)
         run.logger.hparams(hparams_of(run.s.cfg), test)
     run.logger.close()
-    log.info("test | %s%s", format_metrics(test), f"\n{report}" if report else "")
+    monitor, _ = monitor_of(run.tc.monitor, run.s.task)
+    chosen_by = f", {monitor}={best_val[monitor]:.4g}" if monitor in best_val else ""
+    log.info("test of best.pt (step %d%s) | %s%s", best["progress"]["step"], chosen_by,
+             format_metrics(test), f"\n{report}" if report else "")
     return {**best_val, **test}
 
 
