@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None
     optimized_metric: str | None = None
+    lr_find: bool = False  # run the learning-rate range test instead of training
 
 
 # The commands over a finished run (configs/commands/): their YAML gives every value, the

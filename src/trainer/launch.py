@@ -113,6 +113,8 @@ def train_job(cfg: DictConfig, isolated: bool = False) -> Any:
                 logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
     absolute_paths(cfg)
     validate(cfg)  # once, here, before any process, child or worker starts
+    if cfg.lr_find:
+        return _find_lr(cfg, run_dir, list(hydra_cfg.overrides.task))
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         return _launch_group(cfg, run_dir)
     if isolated:
@@ -122,6 +124,23 @@ def train_job(cfg: DictConfig, isolated: bool = False) -> Any:
     from trainer.loop import train as run_training
 
     return run_training(cfg, run_dir)
+
+
+def _find_lr(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, float]:
+    """lr_find=true: the range test, in this one process; what it prints to train with is the
+    command line given, less lr_find and any optimizer.lr."""
+    from trainer.lr_find import find_lr
+
+    if cfg.resume:
+        raise UserError("lr_find=true starts from fresh weights: drop resume= (a run's "
+                        "learning rate is changed on resuming with optimizer.lr=...)")
+    if cfg.device.count * cfg.device.nodes > 1 or in_process_group():
+        raise UserError(f"lr_find=true runs in one process: drop device.count="
+                        f"{cfg.device.count} (its suggestion holds for the same per-process "
+                        "batch on more devices; scale it with the global batch if you raise it)")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("lr_find",
+                                                                            "optimizer.lr")]
+    return find_lr(cfg, run_dir, kept)
 
 
 def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
