@@ -181,6 +181,21 @@ def test_resume_auto_and_latest(tmp_path):
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
 
 
+def test_a_run_saved_before_newer_keys_resumes_and_is_evaluated(tmp_path):
+    """A checkpoint of an older trainer lacks the keys added since: they take their defaults."""
+    run = tmp_path / "old"
+    loop.train(compose_train(*RUN, "trainer.max_steps=3"), run)
+    for name in ("last", "best"):
+        saved = state(run / "checkpoints" / f"{name}.pt")
+        del saved["config"]["lr_find"], saved["config"]["trainer"]["profile"]
+        torch.save(saved, run / "checkpoints" / f"{name}.pt")
+    resumed = run_cli("train", f"resume={run}", "trainer.max_steps=5", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
+    evaluated = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
 def test_resume_latest_without_runs(tmp_path):
     assert_clean_error(run_cli("train", "resume=latest", cwd=tmp_path),
                        "resume=latest: no run under")

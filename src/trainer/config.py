@@ -121,6 +121,14 @@ class ExportConfig(RunCommandConfig):
     count: int = MISSING
 
 
+def saved_config(saved: dict[str, Any]) -> DictConfig:
+    """A run's config as its checkpoint holds it, with the keys this trainer added since (such
+    as trainer.profile) at their defaults, so a run saved by an older trainer resumes and is
+    used as it was."""
+    defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    return OmegaConf.merge(defaults, saved)
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import absolute_paths, validate
+from trainer.config import absolute_paths, saved_config, validate
 from trainer.errors import UserError
 from trainer.ranks import env_rank, in_process_group
 from trainer.signals import STOPPED_EXIT, Stopped, report_stopped
@@ -71,7 +71,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str], rerun: bool = False) -
     """
     from trainer.checkpoint import load, resume_path
 
-    saved = OmegaConf.create(load(resume_path(cfg.resume))["config"])
+    saved = saved_config(load(resume_path(cfg.resume))["config"])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra") or (rerun and key in GROUPS):

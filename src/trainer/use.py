@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import DEVICE_TYPES, validate
+from trainer.config import DEVICE_TYPES, saved_config, validate
 from trainer.errors import UserError
 from trainer.models.pretrained import weights_from_checkpoint
 
@@ -156,7 +156,7 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
         raise UserError(f"checkpoint={cfg.checkpoint}: {path} does not exist; this run has "
                         f"{', '.join(names) or 'no checkpoints'}")
     state = checkpoint.load(path)
-    train_cfg = OmegaConf.create(state["config"])
+    train_cfg = saved_config(state["config"])
     if cfg.device and cfg.device not in DEVICE_TYPES:
         raise UserError(f"device={cfg.device!r} is not accepted: choose one of "
                         f"{', '.join(DEVICE_TYPES)} (null: the run's own)")
