@@ -112,6 +112,26 @@ def test_early_stopping_ends_before_the_budget(tmp_path):
     assert state["progress"]["step"] < 60 and state["progress"]["stale"] == 2
 
 
+def test_improvements_within_min_delta_do_not_hold_off_early_stopping():
+    from trainer.resume import Progress
+    from trainer.validation import _improved
+
+    progress, stale, best = Progress(), [], []
+    for loss in (1.0, 0.95, 0.94, 0.935, 0.93, 0.92):
+        best.append(_improved({"val/loss": loss}, "val/loss", "min", progress, min_delta=0.02))
+        stale.append(progress.stale)
+    assert stale == [0, 0, 1, 2, 3, 0]  # 0.93 is 0.02 below 0.95: not more than min_delta
+    assert best == [True] * 6 and progress.best == 0.92  # best.pt follows every improvement
+
+
+def test_early_stopping_with_min_delta_ends_a_run_that_still_improves_a_little(tmp_path):
+    train(compose_train("debug=fast", "logger=none", "trainer.max_steps=60",
+                        "trainer.val_every=2", "trainer.patience=2", "trainer.min_delta=0.5"),
+          tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] == 6  # validations at 2, 4, 6: two that did not count
+
+
 @pytest.mark.parametrize(("max_validations", "expected"), [(None, 40), (10, 10), (100, 40)])
 def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monkeypatch,
                                                                  max_validations, expected):

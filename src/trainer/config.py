@@ -58,6 +58,7 @@ class TrainerConfig:
     skip_nonfinite: int = 0  # skip up to this many steps with a non-finite gradient norm
     monitor: str | None = None
     patience: int = 0
+    min_delta: float = 0.0  # early stopping: a smaller improvement does not count
     eval_batches: int | None = None
     progress: bool = True
     label_smoothing: float = 0.0  # classification: each target's share spread over the classes
@@ -179,6 +180,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.keep_best", lambda v: v >= 0, ">= 0"),
     ("trainer.skip_nonfinite", lambda v: v >= 0, ">= 0"),
     ("trainer.patience", lambda v: v >= 0, ">= 0"),
+    ("trainer.min_delta", lambda v: v >= 0, ">= 0"),
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("trainer.ema_decay", lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
     ("trainer.ema_every", lambda v: v >= 1, ">= 1"),

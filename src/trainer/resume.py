@@ -30,7 +30,8 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # micro-batches of this epoch already consumed
     best: float | None = None  # best value of the monitored metric so far
-    stale: int = 0  # validations since it last improved (early stopping)
+    stale: int = 0  # validations since it last improved by more than min_delta
+    counted: float | None = None  # the value of that improvement (None: the best, runs before it)
     skipped: int = 0  # steps skipped for a non-finite gradient (trainer.skip_nonfinite)
     kept_best: list[list[float]] = field(default_factory=list)  # [value, step] of best-step-*.pt
 

@@ -45,7 +45,7 @@ def validation(run: Run, monitor: str | None, mode: str) -> bool:
     measured.eval()  # every rank samples (FSDP needs them all); only rank 0 logs
     s.task.show(measured, s.data.val, run.logger, progress.step)
     measured.train()
-    improved = _improved(val, monitor, mode, progress)
+    improved = _improved(val, monitor, mode, progress, tc.min_delta)
     if improved:  # best.pt first: a run killed between the two writes redoes this validation
         save(run, "best", val)
     keep_best(run, val[monitor] if monitor else None, mode == "max", improved, val)
@@ -87,18 +87,23 @@ def monitor_of(name: str | None, task: Task) -> tuple[str | None, str]:
 
 
 def _improved(metrics: dict[str, float], monitor: str | None, mode: str,
-              progress: Progress) -> bool:
-    """Track the best monitored value; without a monitor every validation is the best."""
+              progress: Progress, min_delta: float = 0.0) -> bool:
+    """Track the best monitored value, and the validations since it last improved by more than
+    min_delta (early stopping); without a monitor every validation is the best."""
     if monitor is None:
         return True
     _check_monitor(metrics, monitor)
     value = metrics[monitor]
-    better = progress.best is None or (value > progress.best if mode == "max"
-                                       else value < progress.best)
-    if better:
-        progress.best, progress.stale = value, 0
+    sign = 1 if mode == "max" else -1
+    # Early stopping measures from the last value that counted (the best, when min_delta is 0).
+    counted = progress.best if progress.counted is None else progress.counted
+    if counted is None or sign * (value - counted) > min_delta:
+        progress.counted, progress.stale = value, 0
     else:
         progress.stale += 1
+    better = progress.best is None or sign * (value - progress.best) > 0
+    if better:
+        progress.best = value
     return better
 
 
