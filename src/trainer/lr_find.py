@@ -94,9 +94,9 @@ def range_test(run: Run, batches: Iterator[Batch]) -> tuple[list[float], list[fl
         if losses[-1] > DIVERGED * min(losses):
             break
     if len(losses) <= SKIP + SPAN:
-        raise UserError(f"lr_find: the loss was not finite after {len(losses)} steps, at lr "
-                        f"{MIN_LR * (MAX_LR / MIN_LR) ** (len(losses) / (STEPS - 1)):.1e}: the "
-                        "model diverges at any learning rate; look at its inputs and loss")
+        raise UserError(f"lr_find: the loss diverged after {len(losses)} steps, at lr {lr:.1e}: "
+                        "too few to find a slope; the model diverges at any learning rate, so "
+                        "look at its inputs and its loss")
     return lrs, losses
 
 
@@ -112,10 +112,10 @@ def curve_table(lrs: list[float], losses: list[float], suggested: int) -> str:
     """SHOWN steps of the curve, evenly spaced, as rows with a bar for the loss from its lowest
     to its highest before the suggestion (a longer one, the divergence, ends in "+"); the
     suggested step is always one of them, marked."""
-    shown = sorted({round(i * (len(lrs) - 1) / (SHOWN - 1)) for i in range(SHOWN)} | {suggested})
+    steps = sorted({round(i * (len(lrs) - 1) / (SHOWN - 1)) for i in range(SHOWN)} | {suggested})
     low, high = min(losses), max(losses[:suggested + 1])
     rows = [["lr", "loss", ""]]
-    for i in shown:
+    for i in steps:
         length = 1 + round(39 * (losses[i] - low) / ((high - low) or 1))
         bar = "#" * min(length, 40) + ("+" if length > 40 else "")
         rows.append([f"{lrs[i]:.1e}", f"{losses[i]:#.4g}",
