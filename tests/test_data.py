@@ -65,3 +65,19 @@ def test_mnist_gz_files_as_published_are_read_offline(mnist_root):
         raw.unlink()
     data = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
     assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+
+
+def test_overfit_batches_train_on_a_fixed_few_and_validate_on_them_unaugmented():
+    whole = digits(batch_size=8, augment="crop")
+    few = whole.overfit(2, seed=0, world=1)
+    assert (len(few.train), len(few.val), len(few.test)) == (16, 16, len(whole.test))
+    chosen = few.train.indices
+    images, labels = few.val.batch(torch.arange(16))
+    plain, plain_labels = whole.val.__class__(whole.train.images, whole.train.labels).batch(chosen)
+    assert torch.equal(images, plain) and torch.equal(labels, plain_labels)
+    # Every epoch trains on the same samples, shuffled, and augmented as the run's are.
+    for epoch in (0, 1):
+        order = train_batches(16, 8, seed=0, epoch=epoch, rank=0, world=1)
+        streamed = list(few.train.stream(order, epoch))
+        assert sorted(torch.cat([b[1] for b in streamed]).tolist()) == sorted(labels.tolist())
+        assert not torch.equal(torch.cat([b[0] for b in streamed]), plain[order.flatten()])

@@ -166,6 +166,14 @@ def test_streamed_ranks_split_every_global_batch_of_one_rank(streamable, monkeyp
         assert torch.equal(whole[1], torch.cat([first[1], second[1]]))
 
 
+def test_a_streamed_dataset_cannot_overfit_a_few_batches(streamable):
+    from trainer.errors import UserError
+
+    data = hf(str(streamable), streaming=True, image_size=8, num_workers=0)
+    with pytest.raises(UserError, match="overfit_batches=1: squares is streamed in order"):
+        data.overfit(1, seed=0, world=1)
+
+
 def test_streaming_needs_every_split(tmp_path, image_parquet):
     result = run_cli("train", *STREAMING, f"data.name={image_parquet}", cwd=tmp_path)
     assert_clean_error(result, "data.streaming=true cannot draw a val split out of a stream",

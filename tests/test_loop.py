@@ -132,6 +132,24 @@ def test_early_stopping_with_min_delta_ends_a_run_that_still_improves_a_little(t
     assert state["progress"]["step"] == 6  # validations at 2, 4, 6: two that did not count
 
 
+def test_the_overfit_preset_fits_one_batch(tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    train(compose_train("debug=overfit", "logger=none"), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["metrics"]
+    assert last["val/acc"] == 1.0 and last["val/loss"] < 0.01  # its last validation
+    assert "digits: 16 / 16 / 359 images (train / val / test)" in caplog.text
+    assert "training and validating on the same 16 samples" in caplog.text
+
+
+def test_a_language_model_fits_one_batch_of_windows(tmp_path, caplog, text_file):
+    caplog.set_level("INFO", logger="trainer")
+    train(compose_train("debug=overfit", "logger=none", "model=transformer", "data=text",
+                        f"data.path={text_file}"), tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["metrics"]
+    assert last["val/loss"] < 0.2  # nats a character, from about 3 at the start
+    assert "training and validating on the same 16 samples" in caplog.text
+
+
 @pytest.mark.parametrize(("max_validations", "expected"), [(None, 40), (10, 10), (100, 40)])
 def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monkeypatch,
                                                                  max_validations, expected):

@@ -65,6 +65,7 @@ class TrainerConfig:
     ema_decay: float | None = None  # validate and hand on an average of the weights
     ema_every: int = 1  # optimizer steps between updates of the average
     profile: int = 0  # record this many steps with torch.profiler (profile/ in the run)
+    overfit_batches: int = 0  # train and validate on this many fixed batches (debugging)
 
 
 @dataclass
@@ -185,6 +186,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.ema_decay", lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
     ("trainer.ema_every", lambda v: v >= 1, ">= 1"),
     ("trainer.profile", lambda v: v >= 0, ">= 0 (0 turns profiling off)"),
+    ("trainer.overfit_batches", lambda v: v >= 0, ">= 0 (0: all the data)"),
     ("trainer.max_validations", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("trainer.eval_batches", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("device.count", lambda v: v >= 1, ">= 1"),

@@ -207,6 +207,10 @@ def announce(run: Run) -> None:
     log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
              "es" if rt.world > 1 else "", rt.precision,
              ", compiled" if s.cfg.device.compile else "")
+    if tc.overfit_batches:
+        log.info("trainer.overfit_batches=%d: training and validating on the same %s samples, "
+                 "which a sound model fits (the test metrics mean little)",
+                 tc.overfit_batches, f"{len(s.data.train):,}")
 
 
 def shown(path: Path) -> Path:

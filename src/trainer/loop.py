@@ -72,6 +72,8 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     data = data or instantiate(cfg.data, seed=cfg.seed)
     if rt.is_main:
         rt.barrier()
+    if cfg.trainer.overfit_batches:
+        data = data.overfit(cfg.trainer.overfit_batches, cfg.seed, rt.world)
     task, model = build_model(cfg, data.spec, rt)
     return Setup(cfg, rt, data.to(rt.device), task, model)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from trainer.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,29 @@ class TokenSplit:
 
 
 @dataclass
+class Subset:
+    """The samples of `split` at `indices`, which stay on the CPU: trainer.overfit_batches'
+    few batches, trained on epoch after epoch."""
+
+    split: Split
+    indices: Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, index: Tensor) -> Batch:
+        return self.split.batch(self.indices[index.cpu()])
+
+    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        if isinstance(batches, Tensor):
+            return self.split.stream(self.indices[batches.cpu()], epoch)
+        return self.split.stream([self.indices[index.cpu()] for index in batches], epoch)
+
+    def to(self, device: torch.device) -> Subset:
+        return Subset(self.split.to(device), self.indices)
+
+
+@dataclass
 class DataModule:
     spec: DataSpec
     train: Split
@@ -143,8 +168,8 @@ class DataModule:
         """The splits' sizes and what a model sees of the data, for the start of a run's log."""
         spec = self.spec
         if spec.kind == "text":
-            tokens = " / ".join(f"{len(split.tokens):,}" for split in (self.train, self.val,
-                                                                        self.test))
+            tokens = " / ".join(f"{_token_count(split, spec.block_size):,}"
+                                for split in (self.train, self.val, self.test))
             return (f"{tokens} tokens (train / val / test), {spec.tokenizer.name} vocabulary of "
                     f"{spec.vocab_size:,}, context {spec.block_size}")
         images = " / ".join(f"{len(split):,}" for split in (self.train, self.val, self.test))
@@ -157,6 +182,28 @@ class DataModule:
             self.spec, self.train.to(device), self.val.to(device), self.test.to(device),
             self.batch_size,
         )
+
+    def overfit(self, batches: int, seed: int, world: int) -> DataModule:
+        """trainer.overfit_batches, as Lightning's: the same `batches` global batches of training
+        samples every epoch, validated on as they are (unaugmented); the test split stays whole.
+        A model that cannot fit them has a bug, whatever the data."""
+        count = batches * self.batch_size * world
+        if getattr(self.train, "sequential", False):
+            raise UserError(f"trainer.overfit_batches={batches}: {self.spec.name} is streamed in "
+                            "order and picks no samples by index; load it whole (not streamed)")
+        if count > len(self.train):
+            raise UserError(f"trainer.overfit_batches={batches}: {count:,} samples, more than the "
+                            f"{len(self.train):,} training samples; give fewer batches")
+        chosen = seeded_permutation(len(self.train), seed)[:count]
+        plain = replace(self.train, augment=None) if hasattr(self.train, "augment") else \
+            self.train
+        return DataModule(self.spec, Subset(self.train, chosen), Subset(plain, chosen),
+                          self.test, self.batch_size)
+
+
+def _token_count(split: Split, block_size: int) -> int:
+    """A text split's tokens: its whole stream, or the windows a Subset of it holds."""
+    return len(split.tokens) if isinstance(split, TokenSplit) else len(split) * block_size
 
 
 def seeded_permutation(n: int, seed: int, salt: int = 0) -> Tensor:

@@ -63,6 +63,8 @@ class StreamedRows:
 class HFStreamSplit:
     """One split of a streamed Hugging Face image dataset; `length` rows (from its metadata)."""
 
+    sequential = True  # read in order: a training batch's indices say how many rows, not which
+
     dataset: Any  # datasets.IterableDataset: the image column undecoded, and the label column
     image_column: str
     label_column: str | None
