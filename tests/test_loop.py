@@ -132,6 +132,24 @@ def test_early_stopping_with_min_delta_ends_a_run_that_still_improves_a_little(t
     assert state["progress"]["step"] == 6  # validations at 2, 4, 6: two that did not count
 
 
+def test_max_minutes_ends_training_and_counts_over_resumes(tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    run = ["debug=fast", "logger=none", "trainer.max_steps=1000000", "trainer.val_every=1000"]
+    metrics = train(compose_train(*run, "trainer.max_minutes=0.005"), tmp_path)  # 0.3 s
+    first = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < first["progress"]["step"] < 1000000 and first["seconds"] >= 0.3
+    assert first["metrics"] and "test/acc" in metrics  # validated and tested as at the end
+    assert "trainer.max_minutes=0.005 spent at step" in caplog.text
+
+    # Resumed with the time it had already trained as its budget: spent after one more step.
+    cfg = OmegaConf.create(first["config"])
+    cfg.trainer.max_minutes, cfg.resume = first["seconds"] / 60, str(tmp_path)
+    train(cfg, tmp_path)
+    second = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert second["progress"]["step"] == first["progress"]["step"] + 1
+    assert second["seconds"] > first["seconds"]
+
+
 def test_the_overfit_preset_fits_one_batch(tmp_path, caplog):
     caplog.set_level("INFO", logger="trainer")
     train(compose_train("debug=overfit", "logger=none"), tmp_path)

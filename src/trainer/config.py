@@ -46,6 +46,7 @@ class DeviceConfig:
 class TrainerConfig:
     epochs: int = 20
     max_steps: int | None = None
+    max_minutes: float | None = None  # training wall time, summed over resumes
     accumulate: int = 1
     grad_clip: float = 1.0
     log_every: int = 20
@@ -171,6 +172,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("scheduler.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("trainer.epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("trainer.max_minutes", lambda v: v is None or v > 0, "> 0 or null"),
     ("trainer.accumulate", lambda v: v >= 1, ">= 1"),
     ("trainer.grad_clip", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
     ("trainer.log_every", lambda v: v >= 1, ">= 1"),

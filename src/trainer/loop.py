@@ -31,7 +31,7 @@ from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
-from trainer.logging import Loggers, Throughput, announce, build_loggers
+from trainer.logging import Loggers, Throughput, announce, build_loggers, shown
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
@@ -104,6 +104,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     logger: Any = field(default_factory=Loggers)
     saved_at: float = field(default_factory=time.monotonic)  # when last.pt was last written
+    started_at: float = field(default_factory=time.monotonic)  # when this process's part began
+    earlier_seconds: float = 0.0  # the time a resumed run had trained before (its checkpoint's)
 
     @property
     def checkpoints(self) -> Path:
@@ -113,6 +115,11 @@ class Run:
     def measured(self) -> nn.Module:
         """What validation measures and the checkpoints hand on as their model."""
         return self.average.model if self.average else self.s.model
+
+    @property
+    def seconds(self) -> float:
+        """Wall time the run has trained, over every process that continued it."""
+        return self.earlier_seconds + time.monotonic() - self.started_at
 
     @property
     def epochs_per_validation(self) -> int:
@@ -217,10 +224,11 @@ def fit(run: Run, stop: StopRequest) -> None:
             if progress.step % tc.log_every == 0 or progress.step == run.total_steps:
                 report(run, running, meter, bar)
                 running.clear()
-            stopping, timed = s.rt.any_rank(stop.reason is not None, _checkpoint_due(run))
-            if _validation_due(run):
-                if validation(run, monitor, mode):
-                    break  # early stop
+            stopping, timed, spent = s.rt.any_rank(stop.reason is not None, _checkpoint_due(run),
+                                                   _time_spent(run))
+            if _validation_due(run) or spent:
+                if validation(run, monitor, mode) or spent:
+                    break  # early stop, or trainer.max_minutes spent
                 meter.reset()  # throughput counts training only
             elif stopping or timed or _step_checkpoint_due(run):
                 save(run, "last", {})
@@ -286,6 +294,17 @@ def _validation_due(run: Run) -> bool:
     if tc.val_every:
         return progress.step % tc.val_every == 0
     return progress.batch == 0 and progress.epoch % run.epochs_per_validation == 0
+
+
+def _time_spent(run: Run) -> bool:
+    """trainer.max_minutes of training wall time, summed over resumes (rank 0's clock)."""
+    minutes = run.tc.max_minutes
+    if not (minutes and run.s.rt.is_main and run.seconds >= 60 * minutes):
+        return False
+    log.info("trainer.max_minutes=%g spent at step %d of %d: training ends here (continue it "
+             "with train resume=%s trainer.max_minutes=MORE)", minutes, run.progress.step,
+             run.total_steps, shown(run.run_dir))
+    return True
 
 
 def _step_checkpoint_due(run: Run) -> bool:

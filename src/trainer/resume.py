@@ -59,6 +59,7 @@ def save(run: Run, name: str, metrics: dict[str, float]) -> None:
             "config": OmegaConf.to_container(run.s.cfg, resolve=True),
             "data": spec_record(run.s.data.spec),
             "metrics": metrics,
+            "seconds": run.seconds,  # trained so far: what trainer.max_minutes counts
         })
         if name == "last":
             checkpoint.keep_step_copy(path, run.progress.step, run.tc.keep_last)
@@ -116,6 +117,7 @@ def restore(run: Run, source: Path) -> None:
     if state["scaler"]:  # empty when the run was not in 16-bit precision
         run.scaler.load_state_dict(state["scaler"])
     run.progress = Progress(**state["progress"])
+    run.earlier_seconds = state.get("seconds", 0.0)  # absent in checkpoints before max_minutes
     rng = state["rng"]  # one state per rank; a different world size reuses them in turn
     checkpoint.set_rng_state(rng[rt.rank % len(rng)], rt.device)
     log.info("resumed from %s at step %d", source, run.progress.step)
