@@ -33,3 +33,13 @@ def test_a_run_that_ends_in_the_warm_up_says_nothing_was_recorded(tmp_path, capl
     train(compose_train(*RUN, "trainer.profile=3", "trainer.max_steps=2"), tmp_path)
     assert "ended within the profiler's 2 warm-up steps; nothing was recorded" in caplog.text
     assert not (tmp_path / "profile").exists()
+
+
+def test_a_profile_that_cannot_be_written_does_not_end_the_run(tmp_path, caplog):
+    caplog.set_level("INFO", logger="trainer")
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "profile").write_text("a file where the folder would go")
+    metrics = train(compose_train(*RUN, "trainer.profile=2"), tmp_path)
+    assert "test/acc" in metrics
+    assert "profile of steps 3-4" in caplog.text and "not written to" in caplog.text
+    assert "aten::" in caplog.text  # the table is in the log all the same

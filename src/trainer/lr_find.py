@@ -46,9 +46,12 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
                         "together: choose optimizer.lr by a sweep instead")
     lrs, losses = range_test(run, _batches(s))
     suggested = steepest(lrs, losses)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "lr_find.csv", "w", newline="") as file:
-        csv.writer(file).writerows([("lr", "smoothed_loss"), *zip(lrs, losses, strict=True)])
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "lr_find.csv", "w", newline="") as file:
+            csv.writer(file).writerows([("lr", "smoothed_loss"), *zip(lrs, losses, strict=True)])
+    except OSError as error:  # the suggestion below still stands
+        log.warning("could not write %s (%s)", run_dir / "lr_find.csv", error.strerror or error)
     lowest = min(range(len(losses)), key=losses.__getitem__)
     log.info("lr_find: %d steps from lr %.0e to %.1e (%s); the smoothed loss was lowest, %.4g, "
              "at %.2e\n%s", len(lrs), lrs[0], lrs[-1],

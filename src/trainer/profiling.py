@@ -57,17 +57,21 @@ def write(profiler: torch.profiler.profile, folder: Path, first: int, last: int,
         log.warning("trainer.profile: the run ended within the profiler's %d warm-up steps; "
                     "nothing was recorded", WARMUP)
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    profiler.export_chrome_trace(str(folder / "trace.json"))
     averages = profiler.key_averages()
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    (folder / "operators.txt").write_text(averages.table(sort_by=sort_by, row_limit=40))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(folder / "trace.json"))
+        (folder / "operators.txt").write_text(averages.table(sort_by=sort_by, row_limit=40))
+        where = f"in {shown(folder)}: trace.json (open it in https://ui.perfetto.dev), " \
+            "operators.txt"
+    except OSError as error:  # a full disk must not end the run over its profile
+        where = f"not written to {shown(folder)} ({error.strerror or error})"
     marks = [e for e in averages if e.key.startswith("ProfilerStep")]
     per_step_ms = sum(e.cpu_time_total for e in marks) / recorded / 1000
-    log.info("profile of %s (%.1f ms a step on the host) in %s: trace.json (open it in "
-             "https://ui.perfetto.dev), operators.txt\n%s",
-             f"step {first}" if recorded == 1 else f"steps {first}-{last}", per_step_ms,
-             shown(folder), operator_table(averages, recorded, on_gpu))
+    log.info("profile of %s (%.1f ms a step on the host) %s\n%s",
+             f"step {first}" if recorded == 1 else f"steps {first}-{last}", per_step_ms, where,
+             operator_table(averages, recorded, on_gpu))
 
 
 def operator_table(averages: Any, steps: int, on_gpu: bool) -> str:
