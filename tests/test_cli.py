@@ -37,10 +37,12 @@ def test_train_leaves_a_complete_run_directory(tmp_path):
     assert expected <= set(state)
     assert state["progress"]["step"] == 6 and state["config"]["model"]["width"] == 16
     # What the run trains, said before its first step (the plain CNN has no buffers).
-    weights = sum(tensor.numel() for tensor in state["model"].values())
+    weights = {part: sum(tensor.numel() for name, tensor in state["model"].items()
+                         if name.startswith(part)) for part in ("features", "head")}
     assert f"run {run.relative_to(tmp_path)}: 6 steps of 16 images" in log
-    assert (f"model=cnn: {weights:,} parameters | digits: 1,258 / 180 / 359 images "
-            "(train / val / test) of 1x8x8, 10 classes") in log
+    assert (f"model=cnn: {sum(weights.values()):,} parameters in features "
+            f"{weights['features']:,}, head {weights['head']:,} | digits: 1,258 / 180 / 359 "
+            "images (train / val / test) of 1x8x8, 10 classes") in log
     assert "device=cpu, 1 process, precision 32" in log
 
 

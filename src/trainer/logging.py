@@ -201,9 +201,9 @@ def announce(run: Run) -> None:
     weights = list(s.model.parameters())
     total = sum(w.numel() for w in weights)
     frozen = total - sum(w.numel() for w in weights if w.requires_grad)
-    log.info("model=%s: %s parameters%s | %s: %s", type(s.model).__name__.lower(),
-             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", spec.name,
-             s.data.describe())
+    log.info("model=%s: %s parameters%s%s | %s: %s", type(s.model).__name__.lower(),
+             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", _parts(s.model),
+             spec.name, s.data.describe())
     log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
              "es" if rt.world > 1 else "", rt.precision,
              ", compiled" if s.cfg.device.compile else "")
@@ -211,6 +211,15 @@ def announce(run: Run) -> None:
         log.info("trainer.overfit_batches=%d: training and validating on the same %s samples, "
                  "which a sound model fits (the test metrics mean little)",
                  tc.overfit_batches, f"{len(s.data.train):,}")
+
+
+def _parts(model: torch.nn.Module) -> str:
+    """Where the parameters are: each top-level part's count, as Lightning's model summary."""
+    counts = [(name, sum(w.numel() for w in part.parameters()))
+              for name, part in model.named_children()]
+    counts = [(name, count) for name, count in counts if count]
+    return f" in {', '.join(f'{name} {count:,}' for name, count in counts)}" \
+        if len(counts) > 1 else ""
 
 
 def shown(path: Path) -> Path:
