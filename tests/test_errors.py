@@ -44,6 +44,7 @@ from conftest import assert_clean_error, run_cli
     (["trainer.keep_best=-1"], ["trainer.keep_best=-1 is out of range: it must be >= 0"]),
     (["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more than "
                                         "the 1,258 training samples"]),
+    (["init_from=/no/such/run"], ["checkpoint /no/such/run/checkpoints/best.pt does not exist"]),
     (["trainer.profile=-1"], ["trainer.profile=-1 is out of range: it must be >= 0 (0 turns"]),
     (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
     (["model=gan", "trainer.label_smoothing=0.1"],

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from trainer.errors import UserError
 
@@ -59,10 +60,32 @@ def link_or_copy(source: Path, target: Path) -> None:
                             f"{source.name} is kept: free space, then resume") from None
 
 
-def resume_path(resume: str) -> Path:
-    """The checkpoint `resume=` names: a run directory's last.pt, or a checkpoint file."""
+def resume_path(resume: str, name: str = "last") -> Path:
+    """The checkpoint `resume=` (or `init_from=`, name "best") names: a run directory's
+    <name>.pt, or a checkpoint file."""
     path = Path(resume)
-    return path if path.is_file() else path / "checkpoints" / "last.pt"
+    return path if path.is_file() else path / "checkpoints" / f"{name}.pt"
+
+
+def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
+    """init_from=: into `model`, the weights of another run (its best.pt, or the checkpoint
+    file given) whose names and shapes match; the rest keep their fresh initialisation (a head
+    for other classes). Returns the names loaded and those left fresh."""
+    path = resume_path(source, "best")
+    state = load(path)
+    own = model.state_dict()
+    matched = {name: tensor for name, tensor in state["model"].items()
+               if name in own and own[name].shape == tensor.shape}
+    if not matched:
+        saved_model = state["config"].get("model", {})
+        options = " ".join(f"model.{key}={saved_model[key]}" for key in ("width", "depth")
+                           if key in saved_model)
+        kind = str(saved_model.get("_target_", "?")).rsplit(".", 1)[-1].lower()
+        raise UserError(f"init_from={source}: no weight of {path} fits this model; that run "
+                        f"trained {kind} with {options or 'its own sizes'}: give the same model "
+                        "options")
+    model.load_state_dict(matched, strict=False)
+    return list(matched), [name for name in own if name not in matched]
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -82,6 +82,7 @@ class TrainConfig:
     resume: str | None = None
     optimized_metric: str | None = None
     lr_find: bool = False  # run the learning-rate range test instead of training
+    init_from: str | None = None  # a run (its best.pt) or checkpoint to take weights from
 
 
 # The commands over a finished run (configs/commands/): their YAML gives every value, the
@@ -208,7 +209,7 @@ OPTIONAL_CHOICES = {"device.channels_last": ("auto", "true", "false"),
 
 
 # Keys that may name a local file or folder (data.name: a Hugging Face set on disk).
-PATH_KEYS = ("data.path", "data.root", "data.name", "model.weights")
+PATH_KEYS = ("data.path", "data.root", "data.name", "model.weights", "init_from")
 
 
 def absolute_paths(cfg: DictConfig) -> None:

@@ -139,8 +139,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     # A resumed run's checkpoint holds every weight: pretrained ones are not read again.
     with weights_from_checkpoint() if cfg.resume else contextlib.nullcontext():
         s = build(cfg)
-    if not cfg.resume:  # before the weight average copies the model; a checkpoint holds the fit
-        s.task.fit_to_data(s.model, s.data.train)
+    if not cfg.resume:  # before the weight average copies the model; a checkpoint holds it
+        initialise(s)
     run = prepare(s, Path(s.rt.share(str(run_dir))))
     if cfg.resume:
         restore(run, checkpoint.resume_path(cfg.resume))
@@ -159,6 +159,17 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     metrics = finish(run)
     s.rt.close()
     return metrics
+
+
+def initialise(s: Setup) -> None:
+    """A fresh run's weights beyond their random start: what the task fits to the training data,
+    then (init_from=) another run's weights, where they fit."""
+    s.task.fit_to_data(s.model, s.data.train)
+    if s.cfg.get("init_from"):
+        loaded, fresh = checkpoint.load_matching(s.model, s.cfg.init_from)
+        log.info("init_from=%s: %d tensors loaded%s", shown(Path(s.cfg.init_from)), len(loaded),
+                 f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
+                 if fresh else "")
 
 
 def prepare(s: Setup, run_dir: Path) -> Run:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from trainer.data import Batch, train_batches
 from trainer.errors import UserError
 from trainer.logging import shown
-from trainer.loop import Run, Setup, build, prepare, train_step
+from trainer.loop import Run, Setup, build, initialise, prepare, train_step
 from trainer.tables import aligned
 
 log = logging.getLogger("trainer")
@@ -38,7 +38,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
     """Run the range test for cfg, write run_dir/lr_find.csv, log the curve and the suggested
     optimizer.lr with the train command (`command`, the user's overrides) that uses it."""
     s = build(cfg)
-    s.task.fit_to_data(s.model, s.data.train)
+    initialise(s)
     run = prepare(s, run_dir)
     if len(run.optimizers) > 1:
         raise UserError(f"lr_find=true needs one loss to minimise; model={_model_name(cfg)} "
