@@ -47,6 +47,8 @@ from conftest import assert_clean_error, run_cli
     (["init_from=/no/such/run"], ["checkpoint /no/such/run/checkpoints/best.pt does not exist"]),
     (["trainer.profile=-1"], ["trainer.profile=-1 is out of range: it must be >= 0 (0 turns"]),
     (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
+    (["model=gan", "trainer.class_weights=balanced"],
+     ["trainer.class_weights=balanced applies to classification only", "set it to null"]),
     (["model=gan", "trainer.label_smoothing=0.1"],
      ["trainer.label_smoothing=0.1 applies to classification only"]),
     (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),

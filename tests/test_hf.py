@@ -174,6 +174,19 @@ def test_a_streamed_dataset_cannot_overfit_a_few_batches(streamable):
         data.overfit(1, seed=0, world=1)
 
 
+def test_balanced_class_weights_need_labels_a_stream_has_not_read_yet(streamable):
+    from omegaconf import OmegaConf
+
+    from trainer.errors import UserError
+    from trainer.tasks import task_for
+
+    data = hf(str(streamable), streaming=True, image_size=8, num_workers=0)
+    task = task_for(OmegaConf.create({"_target_": "trainer.models.cnn.CNN"}), data.spec,
+                    {"class_weights": "balanced"})
+    with pytest.raises(UserError, match="class_weights=balanced needs the training split's labels"):
+        task.fit_loss_to_data(data.train, torch.device("cpu"))
+
+
 def test_streaming_needs_every_split(tmp_path, image_parquet):
     result = run_cli("train", *STREAMING, f"data.name={image_parquet}", cwd=tmp_path)
     assert_clean_error(result, "data.streaming=true cannot draw a val split out of a stream",

@@ -30,7 +30,8 @@ def checkpoint(run_dir, name="last"):
 
 def test_label_smoothing_trains_against_smoothed_targets_and_validates_plain():
     spec = DataSpec(kind="image", name="digits", in_shape=(1, 8, 8), num_classes=10)
-    task = task_for(OmegaConf.create({"_target_": "trainer.models.cnn.CNN"}), spec, 0.2)
+    task = task_for(OmegaConf.create({"_target_": "trainer.models.cnn.CNN"}), spec,
+                    {"label_smoothing": 0.2})
     model = CNN((1, 8, 8), 10, width=4, dropout=0.0).eval()
     images, labels = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
     loss, _ = task.training_step(model, (images, labels), 0)
@@ -46,7 +47,40 @@ def test_label_smoothing_is_refused_for_a_model_that_does_not_classify():
     spec = DataSpec(kind="image", name="digits", in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(UserError, match="trainer.label_smoothing=0.1 applies to classification "
                                         "only, and model=gan on image data is not a classifier"):
-        task_for(OmegaConf.create({"_target_": "trainer.models.gan.GAN"}), spec, 0.1)
+        task_for(OmegaConf.create({"_target_": "trainer.models.gan.GAN"}), spec,
+                 {"label_smoothing": 0.1})
+
+
+def test_balanced_class_weights_weigh_each_class_by_its_rarity():
+    from trainer.data.images import ImageSplit
+
+    spec = DataSpec(kind="image", name="two", in_shape=(1, 8, 8), num_classes=2,
+                    classes=("common", "rare"))
+    task = task_for(OmegaConf.create({"_target_": "trainer.models.cnn.CNN"}), spec,
+                    {"class_weights": "balanced"})
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    task.fit_loss_to_data(ImageSplit(torch.zeros(40, 1, 8, 8, dtype=torch.uint8), labels),
+                          torch.device("cpu"))
+    torch.testing.assert_close(task.class_weights, torch.tensor([40 / 60, 40 / 20]))
+
+    model = CNN((1, 8, 8), 2, width=4, dropout=0.0).eval()
+    images, batch_labels = torch.randn(8, 1, 8, 8), torch.tensor([0] * 6 + [1] * 2)
+    loss, _ = task.training_step(model, (images, batch_labels), 0)
+    per_image = F.cross_entropy(model(images), batch_labels, reduction="none")
+    weight = task.class_weights[batch_labels]
+    torch.testing.assert_close(loss, (weight * per_image).sum() / weight.sum())
+    plain = task.eval_step(model, (images, batch_labels))["loss"] / 8  # validation stays plain
+    torch.testing.assert_close(plain, per_image.mean())
+
+
+def test_a_resumed_run_with_balanced_weights_equals_the_uninterrupted_one(tmp_path):
+    common = ["debug=fast", "logger=none", "model.dropout=0", "trainer.class_weights=balanced",
+              "trainer.val_every=4"]
+    full = train(compose_train(*common, "trainer.max_steps=8"), tmp_path / "full")
+    train(compose_train(*common, "trainer.max_steps=4"), tmp_path / "half")
+    cfg = OmegaConf.create(checkpoint(tmp_path / "half")["config"])
+    cfg.trainer.max_steps, cfg.resume = 8, str(tmp_path / "half")
+    assert train(cfg, tmp_path / "half") == full
 
 
 def test_the_average_follows_the_weights_with_a_warming_decay():

@@ -63,6 +63,7 @@ class TrainerConfig:
     eval_batches: int | None = None
     progress: bool = True
     label_smoothing: float = 0.0  # classification: each target's share spread over the classes
+    class_weights: str | None = None  # classification: balanced weighs rare classes up
     ema_decay: float | None = None  # validate and hand on an average of the weights
     ema_every: int = 1  # optimizer steps between updates of the average
     profile: int = 0  # record this many steps with torch.profiler (profile/ in the run)
@@ -204,7 +205,7 @@ CHOICES = {"device.type": DEVICE_TYPES, "device.precision": PRECISIONS,
 OPTIONAL_CHOICES = {"device.channels_last": ("auto", "true", "false"),
                     "data.augment": AUGMENTATIONS, "data.in_memory": ("auto", "true", "false"),
                     "model.cell": ("lstm", "gru"), "model.pool": ("mean", "cls"),
-                    "model.init": ("torch", "gpt2"),
+                    "model.init": ("torch", "gpt2"), "trainer.class_weights": ("balanced",),
                     "logger.wandb.mode": ("auto", "online", "offline", "disabled")}
 
 

@@ -75,12 +75,13 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     if cfg.trainer.overfit_batches:
         data = data.overfit(cfg.trainer.overfit_batches, cfg.seed, rt.world)
     task, model = build_model(cfg, data.spec, rt)
+    task.fit_loss_to_data(data.train, rt.device)
     return Setup(cfg, rt, data.to(rt.device), task, model)
 
 
 def build_model(cfg: DictConfig, spec: DataSpec, rt: Runtime) -> tuple[Task, nn.Module]:
     """The task for cfg.model on data of this spec, and its model on rt's device."""
-    task = task_for(cfg.model, spec, cfg.trainer.get("label_smoothing", 0.0))
+    task = task_for(cfg.model, spec, cfg.trainer)
     model = task.build_model(cfg.model, spec)
     torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
     model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))

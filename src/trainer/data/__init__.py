@@ -144,6 +144,11 @@ class Subset:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def labels(self) -> Tensor | None:
+        labels = getattr(self.split, "labels", None)
+        return None if labels is None else torch.as_tensor(labels).cpu()[self.indices]
+
     def batch(self, index: Tensor) -> Batch:
         return self.split.batch(self.indices[index.cpu()])
 

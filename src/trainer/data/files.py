@@ -259,6 +259,11 @@ class FileImageSplit:
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def labels(self) -> Tensor:
+        """Every image's label, known from its folder before any is decoded."""
+        return torch.from_numpy(self.files.labels)
+
     def batch(self, index: Tensor) -> Batch:
         index = index.cpu()
         items = [self.files[i] for i in index.tolist()]

@@ -42,6 +42,10 @@ class Task:
         """Set what the model initialises from the training data, before a fresh run's first
         step (a resumed run's checkpoint holds it). Nothing by default."""
 
+    def fit_loss_to_data(self, train: Split, device: torch.device) -> None:
+        """Set what the training loss takes from the training data, for every run, fresh or
+        resumed (a checkpoint holds weights, not the task). Nothing by default."""
+
     def param_groups(self, model: nn.Module) -> list[list[Any]]:
         """The parameters (or param-group dicts) of each optimizer, in the order their steps run."""
         return [list(model.parameters())]
@@ -80,9 +84,13 @@ class Task:
         return model, split.batch(index)[0]
 
 
-def task_for(model_cfg: DictConfig, spec: DataSpec, label_smoothing: float = 0.0) -> Task:
+# trainer.* keys that only a classifier takes, and their defaults.
+CLASSIFICATION_OPTIONS: dict[str, Any] = {"label_smoothing": 0.0, "class_weights": None}
+
+
+def task_for(model_cfg: DictConfig, spec: DataSpec, trainer_cfg: Any = None) -> Task:
     """The task for this model and data, or a UserError naming the data the model accepts (or
-    saying that `label_smoothing`, a classification option, does not apply)."""
+    saying that a classification option of `trainer_cfg` does not apply)."""
     from trainer.models.autoencoder import Autoencoder
     from trainer.models.cnn import CNN
     from trainer.models.gan import GAN
@@ -102,16 +110,21 @@ def task_for(model_cfg: DictConfig, spec: DataSpec, label_smoothing: float = 0.0
         (GAN, "image"): Adversarial,
         (Autoencoder, "image"): Reconstruction,
     }
+    options = {key: (trainer_cfg or {}).get(key, default)
+               for key, default in CLASSIFICATION_OPTIONS.items()}
     model_class = get_class(model_cfg._target_)
     for (known, kind), task in matrix.items():
         if issubclass(model_class, known) and kind == spec.kind:
             if task is Classification:
                 _check_classes(model_class.__name__, spec)
-                return Classification(label_smoothing)
-            if label_smoothing:
-                raise UserError(f"trainer.label_smoothing={label_smoothing} applies to "
-                                f"classification only, and model={model_class.__name__.lower()} "
-                                f"on {kind} data is not a classifier: set it to 0")
+                names = spec.classes or tuple(str(c) for c in range(spec.num_classes))
+                return Classification(names, **options)
+            for key, value in options.items():
+                if value != CLASSIFICATION_OPTIONS[key]:
+                    default = {0.0: "0", None: "null"}[CLASSIFICATION_OPTIONS[key]]
+                    raise UserError(f"trainer.{key}={value} applies to classification only, and "
+                                    f"model={model_class.__name__.lower()} on {kind} data is not "
+                                    f"a classifier: set it to {default}")
             return task()
     kinds = sorted({kind for known, kind in matrix if issubclass(model_class, known)})
     if not kinds:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.data import DataSpec, Split
+from trainer.errors import UserError
 from trainer.tables import aligned
 from trainer.tasks import Task, as_count, mean_of
+
+log = logging.getLogger("trainer")
 
 # Above this many classes no confusion matrix is summed (its size grows as the square).
 MAX_CONFUSION_CLASSES = 1000
@@ -22,8 +26,32 @@ class Classification(Task):
 
     monitor = ("val/acc", "max")
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, classes: Sequence[str], label_smoothing: float = 0.0,
+                 class_weights: str | None = None) -> None:
+        self.classes = classes
         self.label_smoothing = label_smoothing
+        self.balanced = class_weights == "balanced"
+        self.class_weights: Tensor | None = None  # balanced: set from the training labels
+
+    def fit_loss_to_data(self, train: Split, device: torch.device) -> None:
+        """trainer.class_weights=balanced: each class's training loss weighted by N / (C * n_c),
+        as scikit-learn's "balanced", so that every class weighs as much in all as the others
+        whatever its share of the training images."""
+        if not self.balanced:
+            return
+        labels = getattr(train, "labels", None)
+        if labels is None:
+            raise UserError("trainer.class_weights=balanced needs the training split's labels "
+                            "before the first step, which a streamed data set reads only as it "
+                            "goes: load it whole (data.streaming=false)")
+        labels = torch.as_tensor(labels).cpu()
+        counts = torch.bincount(labels[labels >= 0], minlength=len(self.classes))  # -1: unreadable
+        weights = counts.sum() / (len(counts) * counts.clamp(min=1).float())
+        self.class_weights = weights.to(device)
+        low, high = weights.argmin().item(), weights.argmax().item()
+        log.info("class weights (balanced): from %.3g for %s, the most frequent class, to %.3g "
+                 "for %s, the rarest", weights[low], self.classes[low], weights[high],
+                 self.classes[high])
 
     def fit_to_data(self, model: nn.Module, train: Split) -> None:
         """A CNN's whitening layer, from the first training images (up to 5,000, or fewer of
@@ -40,7 +68,8 @@ class Classification(Task):
         images, labels = batch
         logits = model(images)
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights,
+                               label_smoothing=self.label_smoothing)
         return loss, {"acc": accuracy}
 
     def eval_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
