@@ -36,6 +36,7 @@ def test_the_range_test_of_a_classifier_finds_a_rate_it_learns_at(tmp_path, capl
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_command_prints_the_train_command_with_the_suggested_rate(tmp_path):
     result = run_cli("train", "lr_find=true", "debug=fast", "model=rnn", "optimizer.lr=5",
                      cwd=tmp_path)

@@ -181,6 +181,7 @@ def test_resume_auto_and_latest(tmp_path):
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_newer_keys_resumes_and_is_evaluated(tmp_path):
     """A checkpoint of an older trainer lacks the keys added since: they take their defaults."""
     run = tmp_path / "old"
