@@ -15,11 +15,22 @@ from trainer.errors import UserError
 from trainer.tasks.classification import per_class_table
 
 
-def evaluate_on(run, **data):
+def evaluate_on(run, split="test", **data):
     from trainer.use import evaluate_job
 
     return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
-                                          "device": None, "data": data}))
+                                          "device": None, "split": split, "data": data}))
+
+
+def test_the_validation_split_gives_what_the_checkpoint_was_saved_with(finished_run, caplog):
+    """Lightning's validate: the run's validation (debug=fast caps it at 2 batches) again."""
+    caplog.set_level("INFO", logger="trainer")
+    metrics = evaluate_on(finished_run, split="val")
+    assert metrics == torch.load(finished_run / "checkpoints" / "best.pt",
+                                 weights_only=True)["metrics"]
+    assert "val metrics match those best.pt was saved with" in caplog.text
+    with pytest.raises(UserError, match="split='train' is not accepted: choose one of test, val"):
+        evaluate_on(finished_run, split="train")
 
 
 def recorded(run):

@@ -97,6 +97,7 @@ class RunCommandConfig:
 
 @dataclass
 class EvaluateConfig(RunCommandConfig):
+    split: str = MISSING
     fid_features: str | None = MISSING
     data: Any = MISSING
 

@@ -38,16 +38,18 @@ def summed_totals(s: Setup, split: Split, max_batches: int | None = None) -> dic
     return s.rt.sum_across_ranks(totals)
 
 
-def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None
+def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None,
+                    split: str = "test", max_batches: int | None = None
                     ) -> tuple[dict[str, float], dict[str, float], str | None]:
-    """Load a checkpoint's weights into the model and measure the test split: its metrics, the
-    validation metrics saved with the checkpoint, and the task's report (a classifier's table
-    of classes). `state` is the checkpoint at `path` if already loaded."""
+    """Load a checkpoint's weights into the model and measure the test split (or `split`, val,
+    up to `max_batches`): its metrics, the validation metrics saved with the checkpoint, and the
+    task's report (a classifier's table of classes). `state` is the checkpoint at `path` if
+    already loaded."""
     state = state or checkpoint.load(path)
     with checkpoint.reported_as_mismatch(path):
         s.rt.load_model_state(s.model, state["model"])
-    totals = summed_totals(s, s.data.test)
-    return (_prefixed(s.task.metrics(totals), "test"), state["metrics"],
+    totals = summed_totals(s, getattr(s.data, split), max_batches)
+    return (_prefixed(s.task.metrics(totals), split), state["metrics"],
             s.task.report(totals, s.data.spec))
 
 

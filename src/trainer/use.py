@@ -19,29 +19,38 @@ from trainer.errors import UserError
 from trainer.models.pretrained import weights_from_checkpoint
 
 log = logging.getLogger("trainer")
+SPLITS = ("test", "val")  # what evaluate measures (the training split would come augmented)
 
 
 def evaluate_job(cfg: DictConfig) -> dict[str, float]:
-    """The test metrics of a run's checkpoint, printed as JSON (the last line of stdout), and
-    whether they match its metrics.json (in the log). With cfg.data (keys such as path), the
-    test split of that other data, prepared as the run's was."""
+    """The test metrics of a run's checkpoint (or, split=val, its validation metrics), printed
+    as JSON (the last line of stdout), and whether they match what the run recorded: its
+    metrics.json, or the checkpoint's own validation (in the log). With cfg.data (keys such as
+    path), the split of that other data, prepared as the run's was."""
     from trainer.evaluation import test_checkpoint
     from trainer.loop import build
 
+    split = cfg.get("split") or "test"
+    if split not in SPLITS:
+        raise UserError(f"split={split!r} is not accepted: choose one of {', '.join(SPLITS)}")
     path, state, train_cfg = saved_run(cfg)
     data = None
     if cfg.data is not None and cfg.data != {}:  # null or {}: the run's own data
         train_cfg, data = _other_data(cfg, state, train_cfg)
     with weights_from_checkpoint():
         s = build(train_cfg, data)
-    metrics, _, report = test_checkpoint(s, path, state)
+    # The validation split as the run validated: up to its trainer.eval_batches.
+    cap = train_cfg.trainer.eval_batches if split == "val" else None
+    metrics, validated, report = test_checkpoint(s, path, state, split, cap)
     if report:
-        log.info("test split, by class:\n%s", report)
+        log.info("%s split, by class:\n%s", split, report)
     saved = Path(cfg.run_dir) / "metrics.json"
-    if saved.is_file() and data is None:
-        recorded = json.loads(saved.read_text())
+    if data is None and (split == "val" or saved.is_file()):
+        recorded = validated if split == "val" else json.loads(saved.read_text())
         same = all(recorded.get(k) == v for k, v in metrics.items())
-        log.info("test metrics %s metrics.json", "match" if same else "differ from")
+        log.info("%s metrics %s %s", split, "match" if same else "differ from",
+                 f"those {cfg.checkpoint}.pt was saved with" if split == "val"
+                 else "metrics.json")
     if cfg.get("fid_features"):
         metrics["test/fid"] = _fid(s, cfg.fid_features)
     print(json.dumps(metrics))  # last line of stdout, for scripts
