@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data import eval_batches, split_indices, train_batches
+from trainer.data import eval_batches, seeded_permutation, split_indices, train_batches
 from trainer.data.images import digits, mnist
 from trainer.data.images import image_folder as load_image_folder
 
@@ -81,3 +81,17 @@ def test_overfit_batches_train_on_a_fixed_few_and_validate_on_them_unaugmented()
         streamed = list(few.train.stream(order, epoch))
         assert sorted(torch.cat([b[1] for b in streamed]).tolist()) == sorted(labels.tolist())
         assert not torch.equal(torch.cat([b[0] for b in streamed]), plain[order.flatten()])
+
+
+def test_overfit_batches_of_a_streamed_folder_are_decoded_once_and_kept(image_folder):
+    from trainer.data.images import ImageSplit
+
+    streamed = load_image_folder(str(image_folder), image_size=8, batch_size=8,
+                                 in_memory="false", augment="flip_crop", num_workers=0)
+    few = streamed.overfit(1, seed=0, world=1)
+    assert isinstance(few.train, ImageSplit) and len(few.train) == len(few.val) == 8
+    assert few.train.augment is not None and few.val.augment is None
+    chosen = seeded_permutation(len(streamed.train), 0)[:8]  # the samples overfit picks
+    expected = streamed.train.batch(chosen)
+    for got, want in zip(few.val.batch(torch.arange(8)), expected, strict=True):
+        assert torch.equal(got, want)

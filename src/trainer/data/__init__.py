@@ -200,10 +200,16 @@ class DataModule:
             raise UserError(f"trainer.overfit_batches={batches}: {count:,} samples, more than the "
                             f"{len(self.train):,} training samples; give fewer batches")
         chosen = seeded_permutation(len(self.train), seed)[:count]
-        plain = replace(self.train, augment=None) if hasattr(self.train, "augment") else \
-            self.train
-        return DataModule(self.spec, Subset(self.train, chosen), Subset(plain, chosen),
-                          self.test, self.batch_size)
+        held = getattr(self.train, "held", None)  # read from disk: decoded once, kept
+        train = held(chosen) if held else Subset(self.train, chosen)
+        return DataModule(self.spec, train, _unaugmented(train), self.test, self.batch_size)
+
+
+def _unaugmented(split: Split) -> Split:
+    """The same samples as `split`, without its training augmentation."""
+    if isinstance(split, Subset):
+        return Subset(_unaugmented(split.split), split.indices)
+    return replace(split, augment=None) if hasattr(split, "augment") else split
 
 
 def _token_count(split: Split, block_size: int) -> int:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -263,6 +263,15 @@ class FileImageSplit:
     def labels(self) -> Tensor:
         """Every image's label, known from its folder before any is decoded."""
         return torch.from_numpy(self.files.labels)
+
+    def held(self, index: Tensor) -> Any:
+        """These images decoded into memory once, as an ImageSplit: the few batches of
+        trainer.overfit_batches, trained on epoch after epoch, then cost no decoding (and no
+        worker start-up) an epoch."""
+        from trainer.data.images import ImageSplit  # images.py builds on this module
+
+        images, labels = decode_all(self.files.subset(index.tolist()), self.workers, self.bad)
+        return ImageSplit(images, labels, self.augment).to(self.device)
 
     def batch(self, index: Tensor) -> Batch:
         index = index.cpu()
