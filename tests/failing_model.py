@@ -2,13 +2,15 @@
 environment variable says: for the failing-rank, killed-rank and failing-sweep-job tests.
 
 CRASH is a comma-separated list of WHO:HOW. WHO is `rank1` (the process of rank 1) or `seed3`
-(a run with seed=3); HOW is `raise` (a RuntimeError) or `kill` (SIGKILL, as the out-of-memory
-killer does). Loaded by the `train` command through `model._target_=failing_model.CrashingCNN`
-with this folder on PYTHONPATH.
+(a run with seed=3); HOW is `raise` (a RuntimeError), `raise_abort` (the same, then the process
+aborts as it exits, as a C++ thread torn down at exit can make it) or `kill` (SIGKILL, as the
+out-of-memory killer does). Loaded by the `train` command through
+`model._target_=failing_model.CrashingCNN` with this folder on PYTHONPATH.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 
@@ -29,7 +31,9 @@ class CrashingCNN(CNN):
     def forward(self, images):
         if self.training and self.crash:
             self.calls += 1
-            if self.calls == 3 and self.crash == "raise":
+            if self.calls == 3 and self.crash in ("raise", "raise_abort"):
+                if self.crash == "raise_abort":
+                    atexit.register(os.abort)
                 raise RuntimeError("deliberate failure")
             if self.calls == 3 and self.crash == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -284,9 +284,13 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         message = failure.error_file_data.get("message")  # a crash: the worker's traceback
         if isinstance(message, dict):
             print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
-        how = (f"was killed by {failure.signal_name()} (out of memory? `kill -9`?)"
-               if failure.exitcode < 0 else
-               f"failed with exit code {failure.exitcode} (its error is printed above)")
+            # Named from the recorded error, not the exit status: a process that raised can
+            # still abort while tearing down its threads, which would read as a kill.
+            how = f"failed: {str(message.get('message', '')).strip()} (printed above)"
+        elif failure.exitcode < 0:
+            how = f"was killed by {failure.signal_name()} (out of memory? `kill -9`?)"
+        else:
+            how = f"failed with exit code {failure.exitcode} (its error is printed above)"
         raise UserError(f"training process rank {rank} {how}; the whole group was "
                         "stopped") from None
     except SignalException as error:  # this process was signalled; the agent passed it on
