@@ -286,7 +286,8 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
             print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
             # Named from the recorded error, not the exit status: a process that raised can
             # still abort while tearing down its threads, which would read as a kill.
-            how = f"failed: {str(message.get('message', '')).strip()} (printed above)"
+            first_line = (str(message.get("message", "")).strip().splitlines() or ["?"])[0]
+            how = f"failed: {first_line} (printed above)"
         elif failure.exitcode < 0:
             how = f"was killed by {failure.signal_name()} (out of memory? `kill -9`?)"
         else:
