@@ -41,7 +41,8 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
     initialise(s)
     run = prepare(s, run_dir)
     if len(run.optimizers) > 1:
-        raise UserError(f"lr_find=true needs one loss to minimise; model={_model_name(cfg)} "
+        raise UserError(f"lr_find=true needs one loss to minimise; "
+                        f"model={type(s.model).__name__.lower()} "
                         "trains two networks against each other, whose losses do not fall "
                         "together: choose optimizer.lr by a sweep instead")
     lrs, losses = range_test(run, _batches(s))
@@ -61,10 +62,6 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
              "train with it:\n  train %s", lrs[suggested], shown(run_dir / "lr_find.csv"),
              " ".join([*command, f"optimizer.lr={lrs[suggested]:.2e}"]))
     return {"lr_find/suggested_lr": lrs[suggested]}
-
-
-def _model_name(cfg: DictConfig) -> str:
-    return cfg.model._target_.rsplit(".", 1)[-1].lower()
 
 
 def _batches(s: Setup) -> Iterator[Batch]:
