@@ -100,7 +100,7 @@ def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, re
                         f"model.weights={weights}", "model.input_size=null"), run)
     weights.unlink()
     command = OmegaConf.create({"run_dir": str(run), "checkpoint": "best", "device": None,
-                                "data": {}, "fid_features": None})
+                                "split": "test", "data": {}, "fid_features": None})
     assert evaluate_job(command) == json.loads((run / "metrics.json").read_text())
     model = restored_model(command).model
     trained = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]

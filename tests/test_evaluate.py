@@ -124,7 +124,7 @@ def evaluate_on_source(run, source):
     from trainer.use import evaluate_job
 
     return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
-                                          "device": None, "data": source}))
+                                          "device": None, "split": "test", "data": source}))
 
 
 def test_the_per_class_table_puts_the_worst_class_first_and_names_its_confusions():

@@ -30,7 +30,7 @@ def test_evaluate_scores_a_gan_in_a_classifier_feature_space(tmp_path, finished_
 
     def evaluate(run, features):
         return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
-                                              "device": None, "data": {},
+                                              "device": None, "split": "test", "data": {},
                                               "fid_features": str(features)}))
 
     metrics = evaluate(gan, finished_run)

@@ -30,7 +30,7 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     from trainer.evaluation import test_checkpoint
     from trainer.loop import build
 
-    split = cfg.get("split") or "test"
+    split = cfg.split
     if split not in SPLITS:
         raise UserError(f"split={split!r} is not accepted: choose one of {', '.join(SPLITS)}")
     path, state, train_cfg = saved_run(cfg)
