@@ -28,14 +28,18 @@ def test_evaluate_scores_a_gan_in_a_classifier_feature_space(tmp_path, finished_
     gan = tmp_path / "gan"
     train(compose_train("debug=fast", "logger=none", "model=gan"), gan)
 
-    def evaluate(run, features):
+    def evaluate(run, features, split="test"):
         return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
-                                              "device": None, "split": "test", "data": {},
+                                              "device": None, "split": split, "data": {},
                                               "fid_features": str(features)}))
 
     metrics = evaluate(gan, finished_run)
     assert metrics["test/fid"] > 0 and {"test/d_real", "test/d_fake"} <= set(metrics)
     assert evaluate(gan, finished_run)["test/fid"] == metrics["test/fid"]  # seeded samples
+    # split=val scores against the validation images, and says so in the key.
+    validated = evaluate(gan, finished_run, "val")
+    assert "test/fid" not in validated and validated["val/fid"] > 0
+    assert validated["val/fid"] != metrics["test/fid"]
     with pytest.raises(UserError, match="fid_features scores a GAN's samples"):
         evaluate(finished_run, finished_run)
     with pytest.raises(UserError, match="is not a classifier of \\[1, 8, 8\\] images"):

@@ -1,5 +1,6 @@
 """`evaluate run_dir=GAN fid_features=CLASSIFIER`: the Frechet distance between the GAN's
-samples and the real test images, in the feature space of a classifier trained on the same data.
+samples and the real images of a split (test, or val), in the feature space of a classifier
+trained on the same data.
 
 FID proper uses an Inception network's features; offline there are no Inception weights, so the
 features are the input of the named classifier run's last linear layer (a CNN's 128 hidden units,
@@ -35,8 +36,9 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 
 
 @torch.no_grad()
-def gan_fid(s: Any, features_run: str, seed: int = 0) -> float:
-    """FID of the GAN in Setup `s` against its test images, with `features_run`'s classifier."""
+def gan_fid(s: Any, features_run: str, split: str = "test", seed: int = 0) -> float:
+    """FID of the GAN in Setup `s` against the images of its `split`, with `features_run`'s
+    classifier: as many seeded samples as the split has images."""
     from trainer.tasks.classification import Classification
     from trainer.use import restored_model
 
@@ -48,14 +50,15 @@ def gan_fid(s: Any, features_run: str, seed: int = 0) -> float:
                         f"{list(s.data.spec.in_shape)} images: give the run directory of a cnn "
                         "trained on the GAN's data")
     extract = _penultimate(classifier.model.eval())
-    test = s.data.test
-    real = torch.cat([extract(test.batch(torch.arange(i, min(i + BATCH, len(test)),
-                                                      device=s.rt.device))[0])
-                      for i in range(0, len(test), BATCH)])
+    real_images = getattr(s.data, split)
+    count = len(real_images)
+    real = torch.cat([extract(real_images.batch(torch.arange(i, min(i + BATCH, count),
+                                                             device=s.rt.device))[0])
+                      for i in range(0, count, BATCH)])
     seeded = torch.Generator(device=s.rt.device).manual_seed(seed)
     generator = s.model.eval().generator
-    fake = torch.cat([extract(generator(s.model.sample_latent(min(BATCH, len(test) - i), seeded)))
-                      for i in range(0, len(test), BATCH)])
+    fake = torch.cat([extract(generator(s.model.sample_latent(min(BATCH, count - i), seeded)))
+                      for i in range(0, count, BATCH)])
     return frechet_distance(real.cpu(), fake.cpu())
 
 

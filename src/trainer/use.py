@@ -52,18 +52,18 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
                  f"those {cfg.checkpoint}.pt was saved with" if split == "val"
                  else "metrics.json")
     if cfg.get("fid_features"):
-        metrics["test/fid"] = _fid(s, cfg.fid_features)
+        metrics[f"{split}/fid"] = _fid(s, cfg.fid_features, split)
     print(json.dumps(metrics))  # last line of stdout, for scripts
     return metrics
 
 
-def _fid(s: Any, features_run: str) -> float:
+def _fid(s: Any, features_run: str, split: str) -> float:
     from trainer.fid import check_run, gan_fid
     from trainer.tasks.adversarial import Adversarial
 
     if not isinstance(s.task, Adversarial):
         raise UserError("fid_features scores a GAN's samples: this run is not a GAN")
-    return gan_fid(s, check_run(features_run))
+    return gan_fid(s, check_run(features_run), split)
 
 
 def _other_data(cfg: DictConfig, state: dict[str, Any], train_cfg: DictConfig
