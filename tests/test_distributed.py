@@ -112,7 +112,8 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     ["model=gan", "model.conv=true", "model.spectral_norm=true"],
     ["model=autoencoder", "model.conv=true", "model.variational=true", "model.denoise=0.1"],
     ["model=rnn", "model.cell=gru", "model.bidirectional=true"],
-    ["model=transformer", "model.pool=cls", "model.rotary=true"],
+    ["model=transformer", "model.pool=cls", "model.rotary=true",
+     "model.activation_checkpointing=true"],
     ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
     ["model.residual=true", "model.test_flip=true", "data.augment=crop",  # channels-last too
      "model.whiten=true", "trainer.ema_decay=0.9", "trainer.label_smoothing=0.1"],
@@ -198,8 +199,9 @@ def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path, one):
 
 
 def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
+    # Its blocks recomputed in the backward pass, as a model too big for memory would be.
     args = [*EXACT, "model=transformer", "data.batch_size=8", "device.count=2",
-            "device.strategy=fsdp"]
+            "device.strategy=fsdp", "model.activation_checkpointing=true"]
     one = tmp_path / "one"
     train(compose_train(*EXACT, "model=transformer", "data.batch_size=16"), one)
     whole = train_ok(tmp_path / "whole", *args)

@@ -81,8 +81,9 @@ def test_compiled_model_trains(tmp_path):
     assert metrics["test/acc"] > 0.5
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_compiled_models_compile_once_not_every_step(tmp_path, monkeypatch, model):
+@pytest.mark.parametrize("options", [[f"model={model}"] for model in MODELS] + [
+    ["model=transformer", "model.activation_checkpointing=true"]], ids=" ".join)
+def test_compiled_models_compile_once_not_every_step(tmp_path, monkeypatch, options):
     """Dynamo's graphs, counted by a backend that runs them as they are: as many after 12 steps
     as after 4, so no step recompiles (guards on step counters or shapes would)."""
     compiled = []
@@ -97,7 +98,7 @@ def test_compiled_models_compile_once_not_every_step(tmp_path, monkeypatch, mode
     for steps in (4, 12):
         torch._dynamo.reset()
         compiled.clear()
-        train(compose_train("debug=fast", "logger=none", f"model={model}", "device.compile=true",
+        train(compose_train("debug=fast", "logger=none", *options, "device.compile=true",
                             f"trainer.max_steps={steps}", "trainer.val_every=2"),
               tmp_path / str(steps))
         counts.append(len(compiled))

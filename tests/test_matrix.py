@@ -144,6 +144,36 @@ def test_gpt_options_train_and_tie_the_embedding(tmp_path, text_file):
     assert "position" not in weights and "head.bias" not in weights  # rotary; tied, no bias
 
 
+def test_activation_checkpointing_keeps_less_for_the_same_gradients():
+    """Recomputed in the backward pass, the blocks give the same loss and gradients (their
+    dropout masks too) while a fraction of the activations is kept for it."""
+    import torch.nn.functional as F
+
+    from trainer.models.transformer import Transformer
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        model = Transformer(vocab_size=20, block_size=32, width=32, depth=4, heads=2,
+                            dropout=0.1, activation_checkpointing=checkpointing)
+        tokens = torch.randint(20, (8, 32), generator=torch.Generator().manual_seed(1))
+        kept = []
+
+        def keep(tensor):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten())
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}, sum(kept)
+
+    plain_loss, plain_grads, plain_bytes = step(False)
+    loss, grads, kept_bytes = step(True)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(grads[name], grad) for name, grad in plain_grads.items())
+    assert kept_bytes < plain_bytes / 4  # 4 blocks: only their inputs, and the head's
+
+
 def test_former_transformer_checkpoints_load_unchanged():
     """Checkpoints written when the blocks were nn.TransformerEncoderLayer (names mapped)."""
     from trainer.models.transformer import Transformer

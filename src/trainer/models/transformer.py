@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.errors import UserError
 
@@ -31,13 +32,18 @@ class Transformer(nn.Module):
     (RoPE). Weights start as `init` says: `torch`, PyTorch's own (nn.MultiheadAttention's for
     the attention), or `gpt2`: normal(0, 0.02), the projections into the residual stream scaled
     by 1/sqrt(2 * depth), biases zero. At baby_gpt's size the first learns faster (README).
+
+    With `activation_checkpointing`, training keeps only each block's input for the backward
+    pass and runs the block again there (torch.utils.checkpoint): activation memory that grows
+    with one block rather than `depth` of them, for one more forward pass of the blocks. The
+    gradients are the same (dropout masks included); evaluation and export are unchanged.
     """
 
     def __init__(self, in_shape: tuple[int, int, int] | None = None, num_classes: int = 0,
                  vocab_size: int = 0, block_size: int = 0, width: int = 64, depth: int = 2,
                  heads: int = 4, dropout: float = 0.0, patch_size: int | None = None,
                  pool: str = "mean", tie_embeddings: bool = False, rotary: bool = False,
-                 init: str = "torch") -> None:
+                 init: str = "torch", activation_checkpointing: bool = False) -> None:
         super().__init__()
         if width % heads or (rotary and (width // heads) % 2):
             even = " (and give each head an even width, for rotary)" if rotary else ""
@@ -70,6 +76,7 @@ class Transformer(nn.Module):
         tied = tie_embeddings and self.causal
         self.head = nn.Linear(width, outputs, bias=not tied)
         self.width, self.depth, self.context = width, depth, tokens
+        self.activation_checkpointing = activation_checkpointing
         self.apply(lambda module: _gpt2_init(module, depth) if init == "gpt2" else
                    _torch_init(module))
         if tied:
@@ -78,8 +85,12 @@ class Transformer(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         x = self._embedded(inputs, start=0)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, _ = block(x, self.causal, self.rotary)
+            if recompute:
+                x, _ = checkpoint(block, x, self.causal, self.rotary, use_reentrant=False)
+            else:
+                x, _ = block(x, self.causal, self.rotary)
         x = self.norm(x)
         if self.causal:
             return self.head(x)
