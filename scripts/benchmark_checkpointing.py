@@ -3,6 +3,7 @@ keeps for its backward pass, against the step's time, with and without recomputi
 
     python scripts/benchmark_checkpointing.py [--depth 8] [--width 512] [--context 512]
                                                [--batch 4] [--steps 4] [--rounds 2]
+                                               [--device cpu] [--json FILE]
 
 Each case runs in a fresh process (so its peak memory is its own), the cases alternating for
 `rounds` rounds: a language model of the given shape (vocabulary 65, tiny-shakespeare's), AdamW,
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the medians to this file")
     parser.add_argument("--case", choices=["plain", "checkpointed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # a child process: one case, its figures as JSON
@@ -104,16 +107,18 @@ def main() -> None:
             results[case].append(json.loads(child.stdout.strip().splitlines()[-1]))
     print(f"{args.depth} blocks, {args.width} wide, context {args.context}, batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads; medians of {args.rounds} rounds")
+    medians = {case: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+               for case, runs in results.items()}
+    plain, checkpointed = medians["plain"], medians["checkpointed"]
     print(f"{'':14}{'kept for backward':>19}{'peak memory added':>19}{'step':>9}")
-    for case, runs in results.items():
-        kept, peak, step = (statistics.median(run[key] for run in runs)
-                            for key in ("kept_mb", "peak_added_mb", "step_s"))
-        print(f"{case:14}{kept:>16,.0f} MB{peak:>16,.0f} MB{step:>8.2f}s")
-    plain, checkpointed = ({key: statistics.median(run[key] for run in runs) for key in runs[0]}
-                           for runs in results.values())
+    for case, figures in medians.items():
+        print(f"{case:14}{figures['kept_mb']:>16,.0f} MB{figures['peak_added_mb']:>16,.0f} MB"
+              f"{figures['step_s']:>8.2f}s")
     print(f"checkpointed / plain: kept {checkpointed['kept_mb'] / plain['kept_mb']:.2f}x, "
           f"peak {checkpointed['peak_added_mb'] / plain['peak_added_mb']:.2f}x, "
           f"step time {checkpointed['step_s'] / plain['step_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(medians, indent=2) + "\n")
 
 
 if __name__ == "__main__":

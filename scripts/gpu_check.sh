@@ -5,7 +5,8 @@
 #   3. a GPT-2-small shape (12 layers, 12 heads, 768 wide, context 1024): MFU (target: 40% or
 #      more on an H100/H200-class GPU), and the operators that take its GPU time;
 #   4. the convolutional models' step in each memory layout and precision: what
-#      device.channels_last=auto and bf16 buy on CUDA (issue #8), airbench_cifar10's ResNet too.
+#      device.channels_last=auto and bf16 buy on CUDA (issue #8), airbench_cifar10's ResNet too;
+#   5. model.activation_checkpointing at the GPT-2-small shape: memory kept, peak, step time.
 # Figures go to stdout and to $OUT/gpu_check.json; record them in BENCHMARKS.md with the date.
 #
 #   scripts/gpu_check.sh [MNIST_ROOT]   MNIST_ROOT/MNIST/raw holds the four MNIST files (default
@@ -20,11 +21,12 @@ mkdir -p "$out"
 if [[ ${SMOKE:-0} == 1 ]]; then
   device=(device=cpu device.compile=false); steps=4; gpt=(model.width=32 model.depth=1
   model.heads=2 data.block_size=32 data.batch_size=4); mnist=(trainer.max_steps=20)
-  layout=(--device cpu --steps 3)
+  layout=(--device cpu --steps 3); recompute=(--device cpu --depth 2 --width 64 --context 64)
 else
   device=(device=cuda device.compile=true); steps=30; gpt=(model.width=768 model.depth=12
   model.heads=12 data.block_size=1024 data.batch_size=16); mnist=()
   layout=(--device cuda --steps 30)
+  recompute=(--device cuda --depth 12 --width 768 --context 1024 --batch 16 --steps 5)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -57,5 +59,9 @@ train model=transformer data=text "data.path=$out/text.txt" "${gpt[@]}" "${devic
 
 echo "== 4. convolutions: contiguous and channels-last, float32 and bf16"
 python scripts/benchmark_conv_layout.py "${layout[@]}" --json "$out/conv_layout.json"
+
+echo "== 5. activation checkpointing (the GPT-2-small shape on CUDA; each case a fresh process)"
+python scripts/benchmark_checkpointing.py "${recompute[@]}" --rounds 1 \
+  --json "$out/checkpointing.json"
 
 python scripts/gpu_check_report.py "$out"
