@@ -44,6 +44,23 @@ def test_digits_are_the_real_bundled_digits():
     assert images.dtype == torch.float32 and images.min() == -1 and images.max() == 1
 
 
+def test_digits_read_from_scikit_learns_file_are_load_digits_own(monkeypatch):
+    """Read without importing sklearn.datasets (0.9 s a process), as load_digits gives them;
+    and through load_digits where a release has moved the file."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from trainer.data.images import _digit_arrays
+
+    raw = load_digits()
+    for _ in ("bundled file", "moved"):
+        pixels, labels = _digit_arrays()
+        assert pixels.dtype == raw.images.dtype and (pixels == raw.images).all()
+        assert labels.dtype == raw.target.dtype and (labels == raw.target).all()
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+
 def test_image_folder_uses_class_folders_and_resizes(image_folder):
     data = load_image_folder(str(image_folder), image_size=8, seed=0)
     assert data.spec.in_shape == (3, 8, 8) and data.spec.num_classes == 2

@@ -8,11 +8,13 @@ Either way batches reach the model as floats in [-1, 1], augmented on the device
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,14 +73,31 @@ def _module(name: str, images: Tensor, labels: Tensor, parts: list[Tensor], batc
 def digits(batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2,
            augment: str = "none", seed: int = 0) -> DataModule:
     """The 1,797 8x8 digits that ship inside scikit-learn (no network needed)."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()  # pixel values 0..16
-    images = torch.from_numpy(raw.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
-    labels = torch.from_numpy(raw.target).long()
+    pixels, targets = _digit_arrays()  # pixel values 0..16
+    images = torch.from_numpy(pixels * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(targets).long()
     parts = split_indices(len(labels), val_fraction, test_fraction, seed)
     return _module("digits", images, labels, parts, batch_size, [str(d) for d in range(10)],
                    augment, seed)
+
+
+def _digit_arrays() -> tuple[Any, Any]:
+    """scikit-learn's digits as load_digits gives them: (1797, 8, 8) pixels and their labels.
+    Read from the file scikit-learn bundles, as load_digits reads it, because importing
+    sklearn.datasets (scipy, pandas) costs every process that trains on digits 0.9 s; through
+    load_digits itself should a release move the file."""
+    import numpy as np
+
+    package = importlib.util.find_spec("sklearn")  # finds, without importing
+    folders = package.submodule_search_locations if package else None
+    bundled = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if bundled is not None and bundled.is_file():
+        table = np.loadtxt(bundled, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    return raw.images, raw.target
 
 
 def _torchvision(name: str, dataset_class: type, root: str, download: bool, expected: str,
