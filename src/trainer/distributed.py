@@ -265,7 +265,7 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         nproc_per_node=device_cfg.count,
         run_id=device_cfg.rdzv_id or str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
-        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",  # torchrun's interval
     )
     # The agent logs a failed worker inside a traceback of its own polling code; the worker's
     # own traceback and a line naming the rank are printed below instead.
