@@ -54,6 +54,24 @@ def test_unknown_key_fails_while_composing():
         compose_train("trainer.epoch=3")
 
 
+def test_a_key_added_with_plus_is_refused_where_a_schema_types_the_node():
+    from hydra import compose, initialize_config_dir
+
+    from trainer.cli import COMMANDS_DIR
+    from trainer.config import refuse_added_keys
+
+    # A model's keys are checked against its constructor instead (validate).
+    refuse_added_keys(compose_train("model=rnn", "+model.batch_norm=true"))
+    with pytest.raises(UserError, match=r"unknown key device.cont \(did you mean device.count"):
+        refuse_added_keys(compose_train("+device.cont=2"))
+    with initialize_config_dir(config_dir=COMMANDS_DIR, version_base="1.3"):
+        evaluate = compose("evaluate", overrides=["run_dir=x", "+data.path=y"])
+        refuse_added_keys(evaluate)  # evaluate's data keys are the run's, checked there
+        misspelt = compose("evaluate", overrides=["run_dir=x", "+chekpoint=last"])
+    with pytest.raises(UserError, match=r"unknown key chekpoint \(did you mean checkpoint\?\)"):
+        refuse_added_keys(misspelt)
+
+
 def test_wrong_type_in_a_schema_field_fails_while_composing():
     with pytest.raises(ConfigCompositionException) as error:
         compose_train("trainer.epochs=many")

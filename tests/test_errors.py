@@ -18,6 +18,10 @@ from conftest import assert_clean_error, run_cli
     (["model.widht=3"], ["unknown key model.widht (did you mean model.width?)", "depth"]),
     (["modle=rnn"], ["unknown key modle (did you mean model?); accepted: model, data",
                      "experiment"]),
+    # Given with +, which Hydra lets past the schema: refused all the same, not ignored.
+    (["+trainer.epoch=3"], ["unknown key trainer.epoch (did you mean trainer.epochs?); accepted: "
+                            "epochs, max_steps"]),
+    (["+seeed=3"], ["unknown key seeed (did you mean seed?); accepted: model, data"]),
     (["trainer.epochs=many"], ["trainer.epochs=many", "Integer"]),
     (["model=cnn,rnn"], ["Ambiguous value for argument 'model=cnn,rnn'", "--multirun"]),
     (["model=["], ["the command line cannot be parsed"]),

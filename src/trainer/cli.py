@@ -6,7 +6,6 @@ Heavy imports (torch, the loop) happen only once a command runs, so `--help` is 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from trainer.config import register_schemas
+from trainer.config import did_you_mean, refuse_added_keys, register_schemas
 from trainer.errors import UserError
 from trainer.launch import GROUPS, resume_source, resumed_config, sweep_job, train_job
 from trainer.ranks import env_rank, in_process_group
@@ -126,13 +125,14 @@ def _composition_error(error: Exception, config_dir: Path, groups: tuple[str, ..
         if "." not in str(cause.full_key):  # the top level: groups without a key of their own too
             accepted += [group for group in groups if group not in accepted]
         prefix = str(cause.full_key).rpartition(".")[0]
-        return (f"unknown key {cause.full_key}{_did_you_mean(str(cause.key), accepted, prefix)}; "
+        known = did_you_mean(str(cause.key), accepted, f"{prefix}." if prefix else "")
+        return (f"unknown key {cause.full_key}{known}; "
                 f"accepted: {', '.join(accepted)}")
     missing = getattr(error, "missing_cfg_file", None) or ""
     if isinstance(error, MissingConfigException) and "/" in missing:
         group, option = missing.rsplit("/", 1)
         options = error.options or sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-        return (f"{group}={option} is not an option{_did_you_mean(option, options, group, '=')}; "
+        return (f"{group}={option} is not an option{did_you_mean(option, options, group, '=')}; "
                 f"choose one of {', '.join(options)}")
     search_space = re.search(r"'hydra\.sweeper\.params\.([^']*)'", str(error))
     if search_space:  # Hydra: "Sweeping over Hydra's configuration is not supported"
@@ -148,9 +148,12 @@ def _composition_error(error: Exception, config_dir: Path, groups: tuple[str, ..
     return message
 
 
-def _did_you_mean(given: str, accepted: list[str], prefix: str, joiner: str = ".") -> str:
-    close = difflib.get_close_matches(given, accepted, n=1)
-    return f" (did you mean {prefix}{joiner if prefix else ''}{close[0]}?)" if close else ""
+def _refuse_added_keys(cfg: DictConfig) -> None:
+    """A misspelt key given with `+`: exit status 1, as for one Hydra refuses itself."""
+    try:
+        refuse_added_keys(cfg)
+    except UserError as error:
+        _fail(error, status=1)
 
 
 def _config_dir(config_name: str) -> str:
@@ -180,6 +183,7 @@ def _join_external_group() -> None:
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = _composed(lambda: compose("train", overrides=overrides), "train")
+        _refuse_added_keys(cfg)
         rerun = cfg.resume == "auto"
         if cfg.resume in ("latest", "auto"):  # decided as rank 0 decides (it writes nothing yet)
             fixed = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
@@ -196,6 +200,7 @@ def _join_external_group() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_main(cfg: DictConfig) -> Any:
+    _refuse_added_keys(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(cfg)
     return _run_reporting_errors(lambda: train_job(cfg))
@@ -209,6 +214,7 @@ def _use_command(config_name: str, job: str) -> Callable[[], None]:
     def main(cfg: DictConfig) -> Any:
         from trainer import use
 
+        _refuse_added_keys(cfg)
         return _run_reporting_errors(lambda: getattr(use, job)(cfg))
 
     def command() -> None:

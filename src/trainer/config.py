@@ -9,6 +9,8 @@ dataclass repeats it.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
@@ -133,6 +135,28 @@ def saved_config(saved: dict[str, Any]) -> DictConfig:
     used as it was."""
     defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     return OmegaConf.merge(defaults, saved)
+
+
+def refuse_added_keys(cfg: DictConfig, where: str = "") -> None:
+    """Hydra lets a key given with `+` past a schema: `+trainer.epoch=3` would be composed and
+    then ignored. Such a key, where a schema (TrainConfig, TrainerConfig, ...) types the node, is
+    refused as a misspelt one is."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return  # a group that builds an object: its _target_'s signature is checked instead
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in map(str, cfg):
+        if key not in known:
+            raise UserError(f"unknown key {where}{key}{did_you_mean(key, known, where)}; "
+                            f"accepted: {', '.join(known)}")
+        if not OmegaConf.is_missing(cfg, key) and isinstance(cfg[key], DictConfig):
+            refuse_added_keys(cfg[key], f"{where}{key}.")
+
+
+def did_you_mean(given: str, accepted: list[str], prefix: str, joiner: str = "") -> str:
+    """' (did you mean PREFIX+JOINER+NAME?)' for the accepted name closest to `given`, or ''."""
+    close = difflib.get_close_matches(given, accepted, n=1)
+    return f" (did you mean {prefix}{joiner}{close[0]}?)" if close else ""
 
 
 def register_schemas() -> None:
