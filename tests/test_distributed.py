@@ -113,7 +113,7 @@ def test_every_other_architecture_trains_under_ddp_in_a_sweep_of_two_process_job
     ["model=autoencoder", "model.conv=true", "model.variational=true", "model.denoise=0.1"],
     ["model=rnn", "model.cell=gru", "model.bidirectional=true"],
     ["model=transformer", "model.pool=cls", "model.rotary=true",
-     "model.activation_checkpointing=true"],
+     "model.activation_checkpointing=true", "model.lora_rank=2"],  # frozen weights, too
     ["model.backbone=resnet18", "model.input_size=null", "model.freeze_backbone=true"],
     ["model.residual=true", "model.test_flip=true", "data.augment=crop",  # channels-last too
      "model.whiten=true", "trainer.ema_decay=0.9", "trainer.label_smoothing=0.1"],

@@ -45,6 +45,8 @@ from conftest import assert_clean_error, run_cli
                                                   "momentum"]),
     (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
+    (["model=transformer", "model.lora_rank=-1"], ["model.lora_rank=-1 is out of range: it must "
+                                                   "be >= 0 (0: no adapters)"]),
     (["trainer.keep_best=-1"], ["trainer.keep_best=-1 is out of range: it must be >= 0"]),
     (["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more than "
                                         "the 1,258 training samples"]),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.models.lora import ADAPTER, merged
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -74,10 +75,14 @@ def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
     path = resume_path(source, "best")
     state = load(path)
     own = model.state_dict()
-    matched = {name: tensor for name, tensor in state["model"].items()
+    weights = state["model"]
+    saved_model = state["config"].get("model", {})
+    if saved_model.get("lora_rank") and not any(ADAPTER.match(name) for name in own):
+        # A fine-tuned run into a model without adapters: their change merged into the weights.
+        weights = merged(weights, saved_model.get("lora_alpha", 16) / saved_model["lora_rank"])
+    matched = {name: tensor for name, tensor in weights.items()
                if name in own and own[name].shape == tensor.shape}
     if not matched:
-        saved_model = state["config"].get("model", {})
         options = " ".join(f"model.{key}={saved_model[key]}" for key in ("width", "depth")
                            if key in saved_model)
         kind = str(saved_model.get("_target_", "?")).rsplit(".", 1)[-1].lower()

@@ -193,6 +193,8 @@ RANGES: list[tuple[str, Any, str]] = [
     ("model.latent_dim", lambda v: v >= 1, ">= 1"),
     ("model.patch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("model.denoise", lambda v: v >= 0, ">= 0 (0 turns the noise off)"),
+    ("model.lora_rank", lambda v: v >= 0, ">= 0 (0: no adapters)"),
+    ("model.lora_alpha", lambda v: v > 0, "> 0"),
     ("scheduler.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("scheduler.gamma", lambda v: v > 0, "> 0"),
     ("scheduler.step_size", lambda v: v >= 1, ">= 1"),

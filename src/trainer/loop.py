@@ -32,6 +32,7 @@ from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
 from trainer.logging import Loggers, Throughput, announce, build_loggers, shown
+from trainer.models.lora import ADAPTER
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
@@ -166,11 +167,28 @@ def initialise(s: Setup) -> None:
     """A fresh run's weights beyond their random start: what the task fits to the training data,
     then (init_from=) another run's weights, where they fit."""
     s.task.fit_to_data(s.model, s.data.train)
-    if s.cfg.get("init_from"):
-        loaded, fresh = checkpoint.load_matching(s.model, s.cfg.init_from)
-        log.info("init_from=%s: %d tensors loaded%s", shown(Path(s.cfg.init_from)), len(loaded),
-                 f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
-                 if fresh else "")
+    adapters = {name for name, _ in s.model.named_parameters() if ADAPTER.match(name)}
+    if not s.cfg.get("init_from"):
+        if adapters and s.rt.is_main:
+            log.warning("LoRA adapters without init_from: they train over random frozen "
+                        "weights; give init_from=RUN to fine-tune a trained run's weights")
+        return
+    loaded, fresh = checkpoint.load_matching(s.model, s.cfg.init_from)
+    others = [name for name in fresh if name not in adapters]  # adapters are new by design
+    stuck = [name for name, weight in s.model.named_parameters()
+             if name in others and not weight.requires_grad]
+    if stuck:  # frozen (LoRA, freeze_backbone) and not loaded: random for good
+        raise UserError(f"init_from={s.cfg.init_from}: {', '.join(stuck[:4])} did not fit this "
+                        "model, and frozen they would stay random: give the source run's data "
+                        "shape (for text, its characters or tokenizer) or leave the weights "
+                        "unfrozen")
+    notes = [f"{len(loaded)} tensors loaded"]
+    if others:
+        notes.append(f"fresh: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}")
+    if adapters - set(loaded):
+        notes.append(f"{len(adapters - set(loaded))} LoRA adapter tensors added (at first they "
+                     "change nothing)")
+    log.info("init_from=%s: %s", shown(Path(s.cfg.init_from)), "; ".join(notes))
 
 
 def prepare(s: Setup, run_dir: Path) -> Run:

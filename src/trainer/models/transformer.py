@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.errors import UserError
+from trainer.models.lora import LoRALinear, train_adapters_only
 
 
 def auto_patch_size(height: int, width: int, max_tokens: int = 16) -> int:
@@ -37,13 +41,18 @@ class Transformer(nn.Module):
     pass and runs the block again there (torch.utils.checkpoint): activation memory that grows
     with one block rather than `depth` of them, for one more forward pass of the blocks. The
     gradients are the same (dropout masks included); evaluation and export are unchanged.
+
+    With `lora_rank` > 0, each block's four linear layers get low-rank adapters (models/lora.py)
+    and only those and the output layer train, everything else frozen: fine-tuning a trained
+    run's weights (init_from=) at a fraction of the trainable parameters.
     """
 
     def __init__(self, in_shape: tuple[int, int, int] | None = None, num_classes: int = 0,
                  vocab_size: int = 0, block_size: int = 0, width: int = 64, depth: int = 2,
                  heads: int = 4, dropout: float = 0.0, patch_size: int | None = None,
                  pool: str = "mean", tie_embeddings: bool = False, rotary: bool = False,
-                 init: str = "torch", activation_checkpointing: bool = False) -> None:
+                 init: str = "torch", activation_checkpointing: bool = False,
+                 lora_rank: int = 0, lora_alpha: float = 16.0) -> None:
         super().__init__()
         if width % heads or (rotary and (width // heads) % 2):
             even = " (and give each head an even width, for rotary)" if rotary else ""
@@ -70,7 +79,9 @@ class Transformer(nn.Module):
         tokens += self.class_token is not None
         self.position = None if rotary else nn.Parameter(torch.zeros(1, tokens, width))
         self.rotary = Rotary(width // heads, tokens) if rotary else None
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        linear = functools.partial(LoRALinear, rank=lora_rank, alpha=lora_alpha) if lora_rank \
+            else nn.Linear
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, linear) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.drop = nn.Dropout(dropout)
         tied = tie_embeddings and self.causal
@@ -81,6 +92,8 @@ class Transformer(nn.Module):
                    _torch_init(module))
         if tied:
             self.head.weight = self.embed.weight
+        if lora_rank:
+            train_adapters_only(self, also=(self.head,))
         self.register_load_state_dict_pre_hook(_renamed_from_encoder_layers)
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -132,14 +145,15 @@ class Transformer(nn.Module):
 class Block(nn.Module):
     """x + attention(norm(x)), then x + MLP(norm(x)): GPT-2's pre-norm block."""
 
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float,
+                 linear: Callable[[int, int], nn.Linear] = nn.Linear) -> None:
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)  # into the residual stream
-        self.fc = nn.Linear(width, 4 * width)
-        self.out = nn.Linear(4 * width, width)  # into the residual stream
+        self.qkv = linear(width, 3 * width)
+        self.proj = linear(width, width)  # into the residual stream
+        self.fc = linear(width, 4 * width)
+        self.out = linear(4 * width, width)  # into the residual stream
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, causal: bool, rotary: Rotary | None = None,
