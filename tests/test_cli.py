@@ -44,6 +44,14 @@ def test_train_leaves_a_complete_run_directory(tmp_path):
             f"{weights['features']:,}, head {weights['head']:,} | digits: 1,258 / 180 / 359 "
             "images (train / val / test) of 1x8x8, 10 classes") in log
     assert "device=cpu, 1 process, precision 32" in log
+    # Last, the commands that use the run, spelled out; as printed, they work from here.
+    where = run.relative_to(tmp_path)
+    commands = log.split("to use the run:\n")[1].split("\n")
+    assert [c.strip() for c in commands if c] == [
+        f"predict run_dir={where} inputs=IMAGES", f"evaluate run_dir={where}",
+        f"export-model run_dir={where}", f"tensorboard --logdir {where}"]
+    evaluated = run_cli(*commands[1].split(), cwd=tmp_path)
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1]) == metrics
 
 
 def test_help_lists_groups_and_options(tmp_path):

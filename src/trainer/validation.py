@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from trainer import checkpoint
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
-from trainer.logging import hparams_of
+from trainer.logging import hparams_of, shown
 from trainer.resume import Progress, keep_best, save
 from trainer.sweep import higher_is_better
 
@@ -75,7 +75,24 @@ def finish(run: Run) -> dict[str, float]:
     chosen_by = f", {monitor}={best_val[monitor]:.4g}" if monitor in best_val else ""
     log.info("test of best.pt (step %d%s) | %s%s", best["progress"]["step"], chosen_by,
              format_metrics(test), f"\n{report}" if report else "")
+    if rt.is_main:
+        log.info("done after %s of training; to use the run:\n  %s", _duration(run.seconds),
+                 "\n  ".join(next_commands(run)))
     return {**best_val, **test}
+
+
+def next_commands(run: Run) -> list[str]:
+    """The commands that use a finished run, spelled out for this one."""
+    where = str(shown(run.run_dir))
+    commands = [run.s.task.use_command.replace("RUN", where), f"evaluate run_dir={where}",
+                f"export-model run_dir={where}"]
+    if (run.run_dir / "tensorboard").is_dir():
+        commands.append(f"tensorboard --logdir {where}")
+    return commands
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def monitor_of(name: str | None, task: Task) -> tuple[str | None, str]:

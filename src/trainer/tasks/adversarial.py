@@ -22,6 +22,7 @@ class Adversarial(Task):
     """
 
     monitor = None  # no loss says which GAN checkpoint is best: best.pt is the latest
+    use_command = "predict run_dir=RUN count=64"  # samples, and a grid of them
     samples = 64
     stages = ("d_", "g_")  # train/d_grad_norm, train/g_grad_norm
 

@@ -24,6 +24,7 @@ class LanguageModel(Task):
 
     served_input = "token ids (int64), at most block_size of them per row"
     served_output = "next-token scores (logits) at every position"
+    use_command = "generate run_dir=RUN"
 
     def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
         return {"vocab_size": spec.vocab_size, "block_size": spec.block_size}
