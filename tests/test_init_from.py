@@ -139,3 +139,21 @@ def test_a_resumed_lora_run_equals_the_uninterrupted_one(tmp_path, language_mode
         assert train(cfg, tmp_path / "half") == full
     finally:
         source.with_name("moved").rename(source)
+
+
+def test_text_of_fewer_characters_is_encoded_in_the_source_runs_vocabulary(
+        tmp_path, language_model, caplog):
+    """Its own character set would be another vocabulary, and the embedding would not fit."""
+    source, _ = language_model
+    caplog.set_level("INFO", logger="trainer")
+    anna = tmp_path / "anna.txt"
+    anna.write_text("ANNA says: the sea is blue.\nANNA says: the sky is red.\n" * 40)
+    train(compose_train(*LM, f"data.path={anna}", f"init_from={source}", "model.lora_rank=4",
+                        "trainer.max_steps=4", "trainer.val_every=4"), tmp_path / "run")
+    assert "the text is encoded in its vocabulary of" in caplog.text
+    assert "fresh" not in caplog.text  # the embedding and head were loaded
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    original = torch.load(source / "checkpoints" / "best.pt", weights_only=True)
+    chars = original["data"]["tokenizer"]["chars"]
+    assert saved["config"]["data"]["vocabulary"] == chars  # resumed and used alike
+    assert saved["data"]["tokenizer"]["chars"] == chars

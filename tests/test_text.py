@@ -163,6 +163,20 @@ def test_a_read_only_data_folder_caches_in_xdg_cache_home(text_file, tmp_path_fa
     assert all_tokens(again) == all_tokens(data)
 
 
+def test_a_given_vocabulary_numbers_the_characters_as_it_does(tmp_path):
+    path = tmp_path / "abc.txt"
+    path.write_text("abcab" * 40, encoding="utf-8")
+    own = text(str(path), block_size=4)
+    given = text(str(path), block_size=4, vocabulary="xcba")
+    assert own.spec.tokenizer.chars == "abc" and given.spec.tokenizer.chars == "xcba"
+    assert given.train.tokens[:5].tolist() == [3, 2, 1, 3, 2]  # a, b, c in "xcba"
+    assert given.spec.tokenizer.decode(given.train.tokens[:5].tolist()) == "abcab"
+    with pytest.raises(UserError, match="has characters data.vocabulary lacks: 'c'"):
+        text(str(path), block_size=4, vocabulary="ab")
+    with pytest.raises(UserError, match="data.vocabulary applies to data.tokenizer=char"):
+        text(str(path), block_size=4, tokenizer="bpe", vocab_size=256, vocabulary="abc")
+
+
 def test_bpe_trains_on_the_train_split_only_and_round_trips(tmp_path):
     path = tmp_path / "corpus.txt"
     train_part = "the cat sat on the mat, naïvely.\n" * 60

@@ -93,6 +93,13 @@ def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
     return list(matched), [name for name in own if name not in matched]
 
 
+def source_characters(source: str) -> str | None:
+    """The character vocabulary of the run init_from= names, in id order; None when it is not a
+    character model."""
+    tokenizer = load(resume_path(source, "best")).get("data", {}).get("tokenizer") or {}
+    return tokenizer.get("chars") if tokenizer.get("name") == "char" else None
+
+
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give a run directory that holds "

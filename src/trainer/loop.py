@@ -138,6 +138,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     In a process group every rank calls this; only rank 0 needs to know `run_dir`. A SIGTERM or
     a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
+    if cfg.get("init_from") and not cfg.resume:
+        _encode_as_source(cfg)
     # A resumed run's checkpoint holds every weight: pretrained ones are not read again.
     with weights_from_checkpoint() if cfg.resume else contextlib.nullcontext():
         s = build(cfg)
@@ -189,6 +191,27 @@ def initialise(s: Setup) -> None:
         notes.append(f"{len(adapters - set(loaded))} LoRA adapter tensors added (at first they "
                      "change nothing)")
     log.info("init_from=%s: %s", shown(Path(s.cfg.init_from)), "; ".join(notes))
+
+
+def _encode_as_source(cfg: DictConfig) -> None:
+    """init_from= a character model, for text of no other characters: the text encoded in the
+    source's vocabulary (data.vocabulary, saved with the run's config), so that its embedding
+    and output layer fit rather than start fresh."""
+    if cfg.data.get("tokenizer") != "char" or cfg.data.get("vocabulary", "") is not None:
+        return  # another tokenizer, a vocabulary given, or data without the key
+    chars = checkpoint.source_characters(cfg.init_from)
+    if chars is None:
+        return
+    own = instantiate(cfg.data, seed=cfg.seed).spec.tokenizer.chars
+    unseen = [repr(char) for char in own if char not in chars]
+    if not unseen:
+        cfg.data.vocabulary = chars
+        said = f"the text is encoded in its vocabulary of {len(chars)} characters " \
+            "(data.vocabulary)"
+    else:
+        said = f"the text keeps its own characters, having {', '.join(unseen[:8])} besides " \
+            "the source's: the embedding starts fresh"
+    log.info("init_from=%s: %s", shown(Path(cfg.init_from)), said)
 
 
 def prepare(s: Setup, run_dir: Path) -> Run:

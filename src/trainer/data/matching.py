@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from trainer.data import DataModule, DataSpec, TokenSplit
+from trainer.data.tokenize import char_table
 from trainer.errors import UserError
 
 
@@ -48,12 +49,8 @@ def _check_images(spec: DataSpec, run: DataSpec, given: str) -> None:
 def _renumbered(other: DataModule, run: DataSpec, given: str) -> DataModule:
     """The other text's character ids mapped to the run's; a character the run never saw is an
     error (the model has no id for it)."""
-    known = {char: i for i, char in enumerate(run.tokenizer.chars)}
-    unseen = [char for char in other.spec.tokenizer.chars if char not in known]
-    if unseen:
-        raise UserError(f"{given} has characters the run's vocabulary lacks: "
-                        f"{_listed([repr(c) for c in unseen])}; the model has no id for them")
-    table = np.array([known[char] for char in other.spec.tokenizer.chars], dtype=np.int64)
+    table = char_table(other.spec.tokenizer.chars, run.tokenizer.chars, given,
+                       "the run's vocabulary").astype(np.int64)
 
     def split(tokens: TokenSplit) -> TokenSplit:
         ids = tokens.tokens.cpu().numpy() if isinstance(tokens.tokens, torch.Tensor) \

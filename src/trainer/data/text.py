@@ -10,7 +10,7 @@ import torch
 
 from trainer.data import DataModule, DataSpec, TokenSplit
 from trainer.data.token_cache import Cached, load_or_build
-from trainer.data.tokenize import parse_tokenizer
+from trainer.data.tokenize import CharTokenizer, char_table, parse_tokenizer
 from trainer.errors import UserError
 
 SHAKESPEARE_URL = (
@@ -24,9 +24,12 @@ IN_MEMORY_TOKENS = 1 << 24
 
 def text(path: str, block_size: int = 64, batch_size: int = 64, val_fraction: float = 0.05,
          test_fraction: float = 0.05, seed: int = 0, tokenizer: str = "char",
-         vocab_size: int = 512, name: str | None = None) -> DataModule:
+         vocab_size: int = 512, vocabulary: str | None = None,
+         name: str | None = None) -> DataModule:
     """Any UTF-8 file, tokenized by `tokenizer`: char (its set of characters), bpe (a byte-level
     BPE of `vocab_size` tokens trained on the train split) or the path of a tokenizer.json.
+    `vocabulary` (char): the characters, in id order, of another run's tokenizer to encode the
+    text in instead of its own (init_from= sets it, so the source's embedding fits).
 
     The splits are contiguous (train first, then val, then test) so no test window overlaps
     training text; `seed` is accepted for a uniform data interface and does not change them.
@@ -39,9 +42,17 @@ def text(path: str, block_size: int = 64, batch_size: int = 64, val_fraction: fl
     cached = load_or_build(file, parse_tokenizer(tokenizer, vocab_size), val_fraction,
                            test_fraction)
     _check_long_enough(path, cached, block_size)
-    spec = DataSpec(kind="text", name=name or file.stem, tokenizer=cached.tokenizer,
-                    block_size=block_size)
-    train, val, test = (TokenSplit(_held(tokens), block_size) for tokens in cached.splits)
+    splits = cached.splits
+    own = cached.tokenizer
+    if vocabulary is not None:
+        if not isinstance(own, CharTokenizer):
+            raise UserError(f"data.vocabulary applies to data.tokenizer=char, not {tokenizer}: "
+                            "set it to null")
+        table = char_table(own.chars, vocabulary, f"data.path={path!r}", "data.vocabulary")
+        # Renumbered, a split too large to copy (IN_MEMORY_TOKENS) is still held: 2 bytes a token.
+        splits, own = [table[tokens] for tokens in splits], CharTokenizer(vocabulary)
+    spec = DataSpec(kind="text", name=name or file.stem, tokenizer=own, block_size=block_size)
+    train, val, test = (TokenSplit(_held(tokens), block_size) for tokens in splits)
     return DataModule(spec, train, val, test, batch_size)
 
 
@@ -65,7 +76,7 @@ def _held(tokens: np.ndarray) -> torch.Tensor | np.ndarray:
 def shakespeare(path: str | None = None, root: str = "./data", download: bool = True,
                 block_size: int = 64, batch_size: int = 64, val_fraction: float = 0.05,
                 test_fraction: float = 0.05, seed: int = 0, tokenizer: str = "char",
-                vocab_size: int = 512) -> DataModule:
+                vocab_size: int = 512, vocabulary: str | None = None) -> DataModule:
     """tiny-shakespeare from `path`, or from `root`, downloading and checksumming it once."""
     if path is None:
         folder = Path(root) / "shakespeare"
@@ -83,4 +94,5 @@ def shakespeare(path: str | None = None, root: str = "./data", download: bool = 
                                 f"put a copy at {file} or set data.path=FILE") from None
         path = str(file)
     return text(path, block_size, batch_size, val_fraction, test_fraction, seed,
-                tokenizer=tokenizer, vocab_size=vocab_size, name="shakespeare")
+                tokenizer=tokenizer, vocab_size=vocab_size, vocabulary=vocabulary,
+                name="shakespeare")

@@ -59,6 +59,19 @@ class CharTokenizer:
         return torch.tensor([len(char.encode("utf-8")) for char in self.chars])
 
 
+def char_table(chars: str, vocabulary: str, given: str, named: str) -> np.ndarray:
+    """Ids of a char tokenizer over `chars` as ids of one over `vocabulary` (table[own] = theirs).
+    A character `vocabulary` lacks is a UserError: "`given` has characters `named` lacks: ..."."""
+    known = {char: i for i, char in enumerate(vocabulary)}
+    unseen = [repr(char) for char in chars if char not in known]
+    if unseen:
+        more = f" and {len(unseen) - 8} more" if len(unseen) > 8 else ""
+        raise UserError(f"{given} has characters {named} lacks: "
+                        f"{', '.join(unseen[:8])}{more}; the model has no id for them")
+    dtype = np.uint16 if len(vocabulary) <= 1 << 16 else np.uint32
+    return np.array([known[char] for char in chars], dtype=dtype)
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers.Tokenizer`: the trained byte-level BPE, or a tokenizer.json."""
 
