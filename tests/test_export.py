@@ -158,3 +158,23 @@ def test_export_without_the_run_data_checks_on_random_inputs(tmp_path, text_file
     formats = json.loads((run / "export" / "export.json").read_text())["formats"]
     assert formats["onnx"]["checked_on"] == "random inputs"
     assert formats["torch_export"]["checked_on"] == "test inputs"
+
+
+def test_a_lora_run_exports_with_its_adapters_merged(tmp_path):
+    """Served as the plain model it amounts to: no adapter tensors, the LoRA model's outputs."""
+    from trainer.loop import train
+    from trainer.use import export_job
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the sky is blue and the sea is green.\n" * 400)
+    run = tmp_path / "lora"
+    train(compose_train("debug=fast", "logger=none", "model=transformer", "data=text",
+                        f"data.path={text}", "model.lora_rank=2", "optimizer.lr=0.05"), run)
+    reference, inputs = restored_model(run)  # with its adapters, as trained
+    assert reference.blocks[0].qkv.lora_b.abs().sum() > 0  # they changed something
+    assert export_job(export_cfg(run))["max_abs_diff"] <= 1e-4
+    program = torch.export.load(run / "export" / "model.pt2")
+    assert not [name for name in program.state_dict if "lora" in name]
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(inputs), reference(inputs), rtol=1e-4,
+                                   atol=1e-4)

@@ -288,6 +288,24 @@ def export_job(cfg: DictConfig) -> dict[str, Any]:
     return entry
 
 
+def _adapters_merged(run: Restored) -> Restored:
+    """A LoRA run's model as the plain one it serves as (peft's merge_and_unload): each adapter's
+    change added into its layer's weight, so the export runs no extra matrix products."""
+    from trainer.loop import build_model
+    from trainer.models.lora import merged
+
+    rank = run.cfg.model.get("lora_rank")
+    if not rank:
+        return run
+    plain_cfg = OmegaConf.create(OmegaConf.to_container(run.cfg))
+    plain_cfg.model.lora_rank = 0
+    task, model = build_model(plain_cfg, run.spec, run.rt)
+    model.load_state_dict(merged(run.model.state_dict(), run.cfg.model.lora_alpha / rank))
+    log.info("model.lora_rank=%d: the adapters are merged into the weights they adapt; the "
+             "export is a plain transformer", rank)
+    return Restored(plain_cfg, task, model, run.spec, run.rt)
+
+
 def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     """The run's Setup for export, and what its checks run on: the test split of the run's data,
     or, where that cannot be read here, random inputs of its shape."""
@@ -296,7 +314,7 @@ def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     from trainer.export import RandomInputs
     from trainer.loop import Setup
 
-    run = restored_model(cfg)
+    run = _adapters_merged(restored_model(cfg))
     try:
         data = instantiate(run.cfg.data, seed=run.cfg.seed)
     except UserError as error:
