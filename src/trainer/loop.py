@@ -8,7 +8,6 @@ task; everything here is the same for all five architectures.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -138,13 +137,11 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     In a process group every rank calls this; only rank 0 needs to know `run_dir`. A SIGTERM or
     a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
-    if cfg.get("init_from") and not cfg.resume:
-        _encode_as_source(cfg)
-    # A resumed run's checkpoint holds every weight: pretrained ones are not read again.
-    with weights_from_checkpoint() if cfg.resume else contextlib.nullcontext():
-        s = build(cfg)
-    if not cfg.resume:  # before the weight average copies the model; a checkpoint holds it
-        initialise(s)
+    if cfg.resume:  # its checkpoint holds every weight: pretrained ones are not read again
+        with weights_from_checkpoint():
+            s = build(cfg)
+    else:
+        s = build_fresh(cfg)
     run = prepare(s, Path(s.rt.share(str(run_dir))))
     if cfg.resume:
         restore(run, checkpoint.resume_path(cfg.resume))
@@ -163,6 +160,16 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     metrics = finish(run)
     s.rt.close()
     return metrics
+
+
+def build_fresh(cfg: DictConfig) -> Setup:
+    """`build` for a run that starts at step 0, its weights initialised (before the weight
+    average copies them): from the data and, with init_from, another run's."""
+    if cfg.get("init_from"):
+        _encode_as_source(cfg)
+    s = build(cfg)
+    initialise(s)
+    return s
 
 
 def initialise(s: Setup) -> None:

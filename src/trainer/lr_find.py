@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from trainer.data import Batch, train_batches
 from trainer.errors import UserError
 from trainer.logging import shown
-from trainer.loop import Run, Setup, build, initialise, prepare, train_step
+from trainer.loop import Run, Setup, build_fresh, prepare, train_step
 from trainer.tables import aligned
 
 log = logging.getLogger("trainer")
@@ -37,8 +37,7 @@ SHOWN = 20  # rows of the table in the log
 def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, float]:
     """Run the range test for cfg, write run_dir/lr_find.csv, log the curve and the suggested
     optimizer.lr with the train command (`command`, the user's overrides) that uses it."""
-    s = build(cfg)
-    initialise(s)
+    s = build_fresh(cfg)
     run = prepare(s, run_dir)
     if len(run.optimizers) > 1:
         raise UserError(f"lr_find=true needs one loss to minimise; "
