@@ -117,8 +117,8 @@ def test_weights_that_would_stay_frozen_and_random_are_refused(tmp_path, languag
     other.write_text("quite other characters: 0123456789 XYZ\n" * 50, encoding="utf-8")
     s = build(compose_train(*LM, f"data.path={other}", f"init_from={source}",
                             "model.lora_rank=4"))
-    with pytest.raises(UserError, match="embed.weight did not fit this model, and frozen they "
-                                        "would stay random"):
+    with pytest.raises(UserError, match="embed.weight did not fit this model, and frozen by "
+                                        "model.lora_rank they would stay random"):
         initialise(s)
 
 

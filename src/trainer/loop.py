@@ -184,13 +184,15 @@ def initialise(s: Setup) -> None:
         return
     loaded, fresh = checkpoint.load_matching(s.model, s.cfg.init_from)
     others = [name for name in fresh if name not in adapters]  # adapters are new by design
+    # Frozen by LoRA and not loaded, a weight would stay random for good. (A frozen torchvision
+    # backbone keeps its pretrained weights where the source's do not fit.)
     stuck = [name for name, weight in s.model.named_parameters()
-             if name in others and not weight.requires_grad]
-    if stuck:  # frozen (LoRA, freeze_backbone) and not loaded: random for good
+             if name in others and not weight.requires_grad] if adapters else []
+    if stuck:
         raise UserError(f"init_from={s.cfg.init_from}: {', '.join(stuck[:4])} did not fit this "
-                        "model, and frozen they would stay random: give the source run's data "
-                        "shape (for text, its characters or tokenizer) or leave the weights "
-                        "unfrozen")
+                        "model, and frozen by model.lora_rank they would stay random: give the "
+                        "source run's data shape (for text, its characters or tokenizer) or "
+                        "fine-tune without adapters (model.lora_rank=0)")
     notes = [f"{len(loaded)} tensors loaded"]
     if others:
         notes.append(f"fresh: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}")
