@@ -176,7 +176,9 @@ def test_a_folder_without_classes_trains_generative_models(tmp_path, image_folde
     ("no_images", "nothing' holds no images (accepted: .jpg"),
     ("split_folders", "train/, val/ and test/ must hold the same class folders; test/ has dark, "
                       "train/ has bright, dark"),
-    ("empty_split", "too few images"),
+    ("empty_split", "too few images for a train/val/test split: 36 / 0 / 4 by "
+                    "data.val_fraction=0.001 and data.test_fraction=0.1; each split needs an "
+                    "image at least: add images or raise the fractions"),
 ])
 def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
     path = image_folder

@@ -226,12 +226,16 @@ def _folder_splits(root: Path, size: int, channels: int, val_fraction: float,
                                 f"same class folders; {part}/ has {', '.join(other) or 'none'}, "
                                 f"train/ has {', '.join(classes) or 'none'}")
         splits = [ImageFiles(paths, labels, size, channels) for paths, labels, _ in listed]
+        how, remedy = "in train/, val/ and test/", "add images to the empty one"
     else:
         paths, labels, classes = list_images(root)
         every = ImageFiles(paths, labels, size, channels)
         parts = split_indices(len(every), val_fraction, test_fraction, seed)
         splits = [every.subset(part.tolist()) for part in parts]
+        how = f"by data.val_fraction={val_fraction} and data.test_fraction={test_fraction}"
+        remedy = "add images or raise the fractions"
     if min(len(files) for files in splits) == 0:
-        raise UserError(f"data.path={str(root)!r} has too few images for a train/val/test split "
-                        f"({sum(len(files) for files in splits)} found)")
+        counts = " / ".join(str(len(files)) for files in splits)
+        raise UserError(f"data.path={str(root)!r} has too few images for a train/val/test split: "
+                        f"{counts} {how}; each split needs an image at least: {remedy}")
     return splits, classes
