@@ -207,6 +207,8 @@ def announce(run: Run) -> None:
     log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
              "es" if rt.world > 1 else "", rt.precision,
              ", compiled" if s.cfg.device.compile else "")
+    if s.task.note:
+        log.info(s.task.note)
     if tc.overfit_batches:
         log.info("trainer.overfit_batches=%d: training and validating on the same %s samples, "
                  "which a sound model fits (the test metrics mean little)",

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,8 +11,6 @@ from trainer.data import DataSpec, Split
 from trainer.errors import UserError
 from trainer.tables import aligned
 from trainer.tasks import Task, as_count, mean_of
-
-log = logging.getLogger("trainer")
 
 # Above this many classes no confusion matrix is summed (its size grows as the square).
 MAX_CONFUSION_CLASSES = 1000
@@ -49,9 +46,9 @@ class Classification(Task):
         weights = counts.sum() / (len(counts) * counts.clamp(min=1).float())
         self.class_weights = weights.to(device)
         low, high = weights.argmin().item(), weights.argmax().item()
-        log.info("class weights (balanced): from %.3g for %s, the most frequent class, to %.3g "
-                 "for %s, the rarest", weights[low], self.classes[low], weights[high],
-                 self.classes[high])
+        self.note = (f"class weights (balanced): from {weights[low]:.3g} for {self.classes[low]}, "
+                     f"the most frequent class, to {weights[high]:.3g} for "
+                     f"{self.classes[high]}, the rarest")
 
     def fit_to_data(self, model: nn.Module, train: Split) -> None:
         """A CNN's whitening layer, from the first training images (up to 5,000, or fewer of
