@@ -144,6 +144,23 @@ def test_gpt_options_train_and_tie_the_embedding(tmp_path, text_file):
     assert "position" not in weights and "head.bias" not in weights  # rotary; tied, no bias
 
 
+@pytest.mark.parametrize("init", ["torch", "gpt2"])
+def test_a_tied_embedding_starts_near_the_loss_of_guessing(init):
+    """As the output layer, an embedding of N(0, 1) (PyTorch's own) would start near 15 nats."""
+    import math
+
+    import torch.nn.functional as F
+
+    from trainer.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=65, block_size=32, width=64, depth=2, heads=4,
+                        tie_embeddings=True, init=init)
+    tokens = torch.randint(65, (8, 33))
+    loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(loss.item() - math.log(65)) < 0.5
+
+
 def test_activation_checkpointing_keeps_less_for_the_same_gradients():
     """Recomputed in the backward pass, the blocks give the same loss and gradients (their
     dropout masks too) while a fraction of the activations is kept for it."""

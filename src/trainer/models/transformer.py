@@ -90,7 +90,9 @@ class Transformer(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.apply(lambda module: _gpt2_init(module, depth) if init == "gpt2" else
                    _torch_init(module))
-        if tied:
+        if tied:  # normal(0, 0.02) under either init: PyTorch's N(0, 1) embedding, as the
+            # output layer too, would start the loss near 15 nats instead of ln(vocabulary)
+            nn.init.normal_(self.embed.weight, std=0.02)
             self.head.weight = self.embed.weight
         if lora_rank:
             train_adapters_only(self, also=(self.head,))
