@@ -6,7 +6,8 @@
 #      more on an H100/H200-class GPU), and the operators that take its GPU time;
 #   4. the convolutional models' step in each memory layout and precision: what
 #      device.channels_last=auto and bf16 buy on CUDA (issue #8), airbench_cifar10's ResNet too;
-#   5. model.activation_checkpointing at the GPT-2-small shape: memory kept, peak, step time.
+#   5. model.activation_checkpointing and model.lora_rank at the GPT-2-small shape: memory kept,
+#      gradients and optimizer state, peak, step time.
 # Figures go to stdout and to $OUT/gpu_check.json; record them in BENCHMARKS.md with the date.
 #
 #   scripts/gpu_check.sh [MNIST_ROOT]   MNIST_ROOT/MNIST/raw holds the four MNIST files (default
@@ -60,8 +61,7 @@ train model=transformer data=text "data.path=$out/text.txt" "${gpt[@]}" "${devic
 echo "== 4. convolutions: contiguous and channels-last, float32 and bf16"
 python scripts/benchmark_conv_layout.py "${layout[@]}" --json "$out/conv_layout.json"
 
-echo "== 5. activation checkpointing (the GPT-2-small shape on CUDA; each case a fresh process)"
-python scripts/benchmark_checkpointing.py "${recompute[@]}" --rounds 1 \
-  --json "$out/checkpointing.json"
+echo "== 5. activation checkpointing and LoRA (the GPT-2-small shape; each case a fresh process)"
+python scripts/benchmark_memory.py "${recompute[@]}" --rounds 1 --json "$out/memory.json"
 
 python scripts/gpu_check_report.py "$out"

@@ -50,9 +50,9 @@ def main(out: Path) -> None:
     layouts = out / "conv_layout.json"  # scripts/benchmark_conv_layout.py's table
     if layouts.exists():
         report["conv_layout"] = json.loads(layouts.read_text())
-    recompute = out / "checkpointing.json"  # scripts/benchmark_checkpointing.py's medians
-    if recompute.exists():
-        report["activation_checkpointing"] = json.loads(recompute.read_text())
+    memory = out / "memory.json"  # scripts/benchmark_memory.py's medians
+    if memory.exists():
+        report["memory"] = json.loads(memory.read_text())
     print(json.dumps(report, indent=2))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
