@@ -30,7 +30,9 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear's own weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+        # Scaled and summed in place: no more full-size outputs than the two products.
+        return super().forward(x).add_(F.linear(F.linear(x, self.lora_a), self.lora_b),
+                                       alpha=self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_a.shape[0]}, scale={self.scale:g}"
