@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.lora import ADAPTER, merged
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -66,38 +64,6 @@ def resume_path(resume: str, name: str = "last") -> Path:
     <name>.pt, or a checkpoint file."""
     path = Path(resume)
     return path if path.is_file() else path / "checkpoints" / f"{name}.pt"
-
-
-def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
-    """init_from=: into `model`, the weights of another run (its best.pt, or the checkpoint
-    file given) whose names and shapes match; the rest keep their fresh initialisation (a head
-    for other classes). Returns the names loaded and those left fresh."""
-    path = resume_path(source, "best")
-    state = load(path)
-    own = model.state_dict()
-    weights = state["model"]
-    saved_model = state["config"].get("model", {})
-    if saved_model.get("lora_rank") and not any(ADAPTER.match(name) for name in own):
-        # A fine-tuned run into a model without adapters: their change merged into the weights.
-        weights = merged(weights, saved_model.get("lora_alpha", 16) / saved_model["lora_rank"])
-    matched = {name: tensor for name, tensor in weights.items()
-               if name in own and own[name].shape == tensor.shape}
-    if not matched:
-        options = " ".join(f"model.{key}={saved_model[key]}" for key in ("width", "depth")
-                           if key in saved_model)
-        kind = str(saved_model.get("_target_", "?")).rsplit(".", 1)[-1].lower()
-        raise UserError(f"init_from={source}: no weight of {path} fits this model; that run "
-                        f"trained {kind} with {options or 'its own sizes'}: give the same model "
-                        "options")
-    model.load_state_dict(matched, strict=False)
-    return list(matched), [name for name in own if name not in matched]
-
-
-def source_characters(source: str) -> str | None:
-    """The character vocabulary of the run init_from= names, in id order; None when it is not a
-    character model."""
-    tokenizer = load(resume_path(source, "best")).get("data", {}).get("tokenizer") or {}
-    return tokenizer.get("chars") if tokenizer.get("name") == "char" else None
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -30,8 +30,8 @@ from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError
+from trainer.init_from import encode_as_source, weights_from_source
 from trainer.logging import Loggers, Throughput, announce, build_loggers, shown
-from trainer.models.lora import ADAPTER
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
@@ -166,7 +166,7 @@ def build_fresh(cfg: DictConfig) -> Setup:
     """`build` for a run that starts at step 0, its weights initialised (before the weight
     average copies them): from the data and, with init_from, another run's."""
     if cfg.get("init_from"):
-        _encode_as_source(cfg)
+        encode_as_source(cfg)
     s = build(cfg)
     initialise(s)
     return s
@@ -176,51 +176,7 @@ def initialise(s: Setup) -> None:
     """A fresh run's weights beyond their random start: what the task fits to the training data,
     then (init_from=) another run's weights, where they fit."""
     s.task.fit_to_data(s.model, s.data.train)
-    adapters = {name for name, _ in s.model.named_parameters() if ADAPTER.match(name)}
-    if not s.cfg.get("init_from"):
-        if adapters and s.rt.is_main:
-            log.warning("LoRA adapters without init_from: they train over random frozen "
-                        "weights; give init_from=RUN to fine-tune a trained run's weights")
-        return
-    loaded, fresh = checkpoint.load_matching(s.model, s.cfg.init_from)
-    others = [name for name in fresh if name not in adapters]  # adapters are new by design
-    # Frozen by LoRA and not loaded, a weight would stay random for good. (A frozen torchvision
-    # backbone keeps its pretrained weights where the source's do not fit.)
-    stuck = [name for name, weight in s.model.named_parameters()
-             if name in others and not weight.requires_grad] if adapters else []
-    if stuck:
-        raise UserError(f"init_from={s.cfg.init_from}: {', '.join(stuck[:4])} did not fit this "
-                        "model, and frozen by model.lora_rank they would stay random: give the "
-                        "source run's data shape (for text, its characters or tokenizer) or "
-                        "fine-tune without adapters (model.lora_rank=0)")
-    notes = [f"{len(loaded)} tensors loaded"]
-    if others:
-        notes.append(f"fresh: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}")
-    if adapters - set(loaded):
-        notes.append(f"{len(adapters - set(loaded))} LoRA adapter tensors added (at first they "
-                     "change nothing)")
-    log.info("init_from=%s: %s", shown(Path(s.cfg.init_from)), "; ".join(notes))
-
-
-def _encode_as_source(cfg: DictConfig) -> None:
-    """init_from= a character model, for text of no other characters: the text encoded in the
-    source's vocabulary (data.vocabulary, saved with the run's config), so that its embedding
-    and output layer fit rather than start fresh."""
-    if cfg.data.get("tokenizer") != "char" or cfg.data.get("vocabulary", "") is not None:
-        return  # another tokenizer, a vocabulary given, or data without the key
-    chars = checkpoint.source_characters(cfg.init_from)
-    if chars is None:
-        return
-    own = instantiate(cfg.data, seed=cfg.seed).spec.tokenizer.chars
-    unseen = [repr(char) for char in own if char not in chars]
-    if not unseen:
-        cfg.data.vocabulary = chars
-        said = f"the text is encoded in its vocabulary of {len(chars)} characters " \
-            "(data.vocabulary)"
-    else:
-        said = f"the text keeps its own characters, having {', '.join(unseen[:8])} besides " \
-            "the source's: the embedding starts fresh"
-    log.info("init_from=%s: %s", shown(Path(cfg.init_from)), said)
+    weights_from_source(s)
 
 
 def prepare(s: Setup, run_dir: Path) -> Run:
