@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer.checkpoint import load, resume_path
 from trainer.config import instantiate
-from trainer.errors import UserError
+from trainer.errors import UserError, listed
 from trainer.logging import shown
 from trainer.models.lora import ADAPTER, merged
 
@@ -44,7 +44,7 @@ def encode_as_source(cfg: DictConfig) -> None:
         said = f"the text is encoded in its vocabulary of {len(chars)} characters " \
             "(data.vocabulary)"
     else:
-        said = f"the text keeps its own characters, having {', '.join(unseen[:8])} besides " \
+        said = f"the text keeps its own characters, having {listed(unseen)} besides " \
             "the source's: the embedding starts fresh"
     log.info("init_from=%s: %s", shown(Path(cfg.init_from)), said)
 

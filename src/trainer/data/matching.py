@@ -13,7 +13,7 @@ import torch
 
 from trainer.data import DataModule, DataSpec, TokenSplit
 from trainer.data.tokenize import char_table
-from trainer.errors import UserError
+from trainer.errors import UserError, listed
 
 
 def matched(other: DataModule, run: DataSpec, changed: dict[str, Any]) -> DataModule:
@@ -36,11 +36,11 @@ def _check_images(spec: DataSpec, run: DataSpec, given: str) -> None:
     if spec.classes != run.classes:
         missing = [c for c in run.classes if c not in spec.classes]
         extra = [c for c in spec.classes if c not in run.classes]
-        why = (f"it lacks {_listed(missing)}" if missing else "") + \
-            ("; " if missing and extra else "") + (f"it has {_listed(extra)} besides" if extra
+        why = (f"it lacks {listed(missing)}" if missing else "") + \
+            ("; " if missing and extra else "") + (f"it has {listed(extra)} besides" if extra
                                                    else "")
         raise UserError(f"{given} does not have the run's classes ({why or 'another order'}): "
-                        f"the model was trained on {_listed(run.classes)}")
+                        f"the model was trained on {listed(run.classes)}")
     if spec.in_shape != run.in_shape:
         raise UserError(f"{given} gives images of shape {list(spec.in_shape)}; the model takes "
                         f"{list(run.in_shape)}: keep the run's data.image_size and grayscale")
@@ -60,9 +60,3 @@ def _renumbered(other: DataModule, run: DataSpec, given: str) -> DataModule:
     spec = dataclasses.replace(run, name=other.spec.name, block_size=other.spec.block_size)
     return DataModule(spec, split(other.train), split(other.val), split(other.test),
                       other.batch_size)
-
-
-def _listed(items: Any, most: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(str(item) for item in items[:most])
-    return shown + (f" and {len(items) - most} more" if len(items) > most else "")

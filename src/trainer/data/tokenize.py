@@ -20,7 +20,7 @@ import tokenizers
 import torch
 from torch import Tensor
 
-from trainer.errors import UserError
+from trainer.errors import UserError, listed
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ def char_table(chars: str, vocabulary: str, given: str, named: str) -> np.ndarra
     known = {char: i for i, char in enumerate(vocabulary)}
     unseen = [repr(char) for char in chars if char not in known]
     if unseen:
-        more = f" and {len(unseen) - 8} more" if len(unseen) > 8 else ""
-        raise UserError(f"{given} has characters {named} lacks: "
-                        f"{', '.join(unseen[:8])}{more}; the model has no id for them")
+        raise UserError(f"{given} has characters {named} lacks: {listed(unseen)}; the model "
+                        "has no id for them")
     dtype = np.uint16 if len(vocabulary) <= 1 << 16 else np.uint32
     return np.array([known[char] for char in chars], dtype=dtype)
 
