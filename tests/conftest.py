@@ -26,6 +26,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODELS = ["cnn", "rnn", "transformer", "gan", "autoencoder"]
+# The environment for a command that loads a model of tests/failing_model.py.
+FAILING_MODELS = {"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}"
+                                f"{os.environ.get('PYTHONPATH', '')}"}
 
 
 def compose_train(*overrides: str) -> DictConfig:

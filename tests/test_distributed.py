@@ -11,11 +11,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import FAILING_MODELS, assert_clean_error, compose_train, run_cli, run_dirs
 from trainer.loop import train
 from trainer.ranks import adopt_slurm_env
 
-TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow  # several processes each: the full suite, not the fast tier
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.
 # One validation, at the end: best.pt is then the final model in every run compared.
@@ -128,30 +127,43 @@ def test_each_architecture_option_trains_under_ddp(tmp_path, options):
     assert "test/loss" in metrics(run)
 
 
-@pytest.mark.parametrize("how", ["raise", "raise_abort", "kill"])
+@pytest.mark.parametrize("how", ["raise", "raise_abort", "kill", "oom"])
 def test_a_failing_or_killed_rank_stops_the_group_and_the_run_resumes(tmp_path, how):
     start = time.monotonic()
     args = ["train", "debug=fast", "device=cpu", "device.count=2", "trainer.checkpoint_every=2",
             "model._target_=failing_model.CrashingCNN"]
-    path = {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = FAILING_MODELS
     result = run_cli(*args, cwd=tmp_path, timeout=120, env={**path, "CRASH": f"rank1:{how}"})
     assert result.returncode != 0
     assert time.monotonic() - start < 60
+    [run] = run_dirs(tmp_path)  # rank 1 died in its third step, after last.pt of step 2
     if how == "kill":
-        assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL")
+        assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL",
+                           f"resume from its last checkpoint with: train resume={run}")
+    elif how == "oom":  # a user error on one rank alone: its one line, and no other
+        assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more",
+                           "lower data.batch_size=16", "resume from its last checkpoint with: "
+                           f"train resume={run}")
     else:  # a crash in the model's code: its traceback, then the line naming the rank
         assert "RuntimeError: deliberate failure" in result.stderr
         # Named by its error, even when the process then aborts as it exits (seen under load).
         assert ("error: training process rank 1 failed: RuntimeError: deliberate failure "
                 "(printed above)") in result.stderr
-    [run] = run_dirs(tmp_path)  # rank 1 died in its third step, after last.pt of step 2
-    assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
+        assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
     if how != "kill":
         return
     resumed = run_cli("train", f"resume={run}", cwd=tmp_path, env=path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert (run / "metrics.json").is_file()
+
+
+def test_a_user_error_in_the_processes_is_one_line(tmp_path):
+    """Every rank diverges; whichever stops first, the user sees one line, as in one process."""
+    result = run_cli("train", "debug=fast", "device=cpu", "device.count=2", "optimizer=sgd",
+                     "optimizer.lr=1e12", "trainer.grad_clip=0", cwd=tmp_path)
+    assert_clean_error(result, "training diverged", "optimizer.lr")
+    assert "training process rank" not in result.stderr
 
 
 def test_checkpoints_move_between_world_sizes(tmp_path, one):

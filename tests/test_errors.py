@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_clean_error, run_cli
+from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
@@ -44,6 +44,10 @@ from conftest import assert_clean_error, run_cli
     (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
                                                   "momentum"]),
     (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
+    # A real allocation failure, on any machine: 3.6 PB for the first layer's weights.
+    (["model.width=100000000000000"], ["error: out of memory: this machine could not allocate "
+                                       "3.6 PB more; the model alone does not fit: make it "
+                                       "smaller (its model.* sizes)"]),
     (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
     (["model=transformer", "model.lora_rank=-1"], ["model.lora_rank=-1 is out of range: it must "
                                                    "be >= 0 (0: no adapters)"]),
@@ -81,6 +85,21 @@ def test_divergence_stops_with_advice(tmp_path):
     result = run_cli("train", "debug=fast", "optimizer=sgd", "optimizer.lr=1e12",
                      "trainer.grad_clip=0", cwd=tmp_path)
     assert_clean_error(result, "training diverged", "optimizer.lr")
+
+
+def test_out_of_memory_in_a_step_says_what_to_change_and_keeps_last_pt(tmp_path):
+    failing = ["model._target_=failing_model.CrashingCNN", "trainer.checkpoint_every=2"]
+    result = run_cli("train", "debug=fast", *failing, cwd=tmp_path,
+                     env={**FAILING_MODELS, "CRASH": "seed0:oom"})  # in step 3
+    [run] = run_dirs(tmp_path)
+    assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more (of "
+                       "79.15 GiB); lower data.batch_size=16 (with trainer.accumulate=K for the "
+                       "same batch per step) or a smaller model; its last.pt is kept: continue "
+                       f"with train resume={run.relative_to(tmp_path)} and the changed keys")
+    resumed = run_cli("train", f"resume={run}", "data.batch_size=8", "trainer.accumulate=2",
+                      cwd=tmp_path, env=FAILING_MODELS)  # no crash planned this time
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 2" in resumed.stdout and (run / "metrics.json").is_file()
 
 
 def test_a_monitor_that_names_no_metric_stops_the_run_before_its_first_step(tmp_path):
@@ -132,6 +151,20 @@ def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     torch.save(state, path)
     result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert_clean_error(result, "does not match the configured model")
+
+
+def test_out_of_memory_in_evaluate_says_what_to_change(tmp_path, finished_run):
+    import torch
+
+    path = finished_run / "checkpoints" / "best.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"]["_target_"] = "failing_model.CrashingCNN"  # the same weights
+    torch.save(state, path)
+    result = run_cli("evaluate", f"run_dir={finished_run}", cwd=tmp_path,
+                     env={**FAILING_MODELS, "CRASH": "rank0:oom_eval"})
+    assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more (of "
+                       "79.15 GiB); evaluate with a smaller batch (data.batch_size=N; the run's "
+                       "is 16) or on another device (device=cpu)")
 
 
 def test_a_checkpoint_the_run_lacks_is_named_with_those_it_has(tmp_path, finished_run):

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli
+from conftest import FAILING_MODELS, run_cli
 from trainer.cli import CONFIG_DIR
 from trainer.sweep import summary_rows, write_record, write_summary
-
-TESTS = Path(__file__).parent
 
 
 def sweep_dir(root):
@@ -121,7 +117,7 @@ def test_a_sweep_survives_failed_and_killed_jobs_and_resume_auto_finishes_it(tmp
                "model._target_=failing_model.CrashingCNN", "hydra/launcher=joblib",
                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "resume=auto",
                "seed=range(0,12)"]
-    path = {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = FAILING_MODELS
     first = run_cli(*command, cwd=tmp_path, env={**path, "CRASH": "seed3:raise,seed7:kill"})
     assert first.returncode == 0, first.stderr
     records = {n: json.loads((sweep / str(n) / "job.json").read_text()) for n in range(12)}

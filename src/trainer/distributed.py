@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -250,6 +252,17 @@ def runtime(device_cfg: DictConfig) -> Runtime:
     return Runtime(device, precision, dist.get_rank(), dist.get_world_size(), **options)
 
 
+def record_user_error(message: str) -> None:
+    """A launched worker's UserError, handed to `launch` to print as the one line whichever rank
+    raised it: written where the elastic agent reads a worker's error."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:  # the agent keeps no files: say it here
+        print(f"error: {message}", file=sys.stderr)
+        return
+    with open(path, "w") as file:
+        json.dump({"message": message, "timestamp": int(time.time()), "user_error": True}, file)
+
+
 def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> Any:
     """Run `worker(*args)` in device.count processes per node with torch's elastic launcher.
 
@@ -267,9 +280,10 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
         max_restarts=0, monitor_interval=0.1, start_method="spawn",  # torchrun's interval
     )
-    # The agent logs a failed worker inside a traceback of its own polling code; the worker's
-    # own traceback and a line naming the rank are printed below instead.
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # The agent logs a failed worker inside a traceback of its own polling code, and warns as it
+    # stops the others; the worker's own traceback and a line naming the rank are printed below.
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # Each worker's CPU threads get their share of the cores, as torchrun gives them: N processes
     # of all-cores thread pools on the same cores slow each other down. A value set is kept.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -281,7 +295,12 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         if failure.exitcode == STOPPED_EXIT:  # stopped by a signal; rank 0 said how to resume
             raise Stopped("the training processes stopped on a signal and saved last.pt (the "
                           "resume command is printed above)") from None
-        message = failure.error_file_data.get("message")  # a crash: the worker's traceback
+        message = failure.error_file_data.get("message")
+        # The one line of `record_user_error`, without the rank: mistakes such as a diverged
+        # loss are every rank's, whichever stopped first (an out-of-memory error names its GPU).
+        if failure.error_file_data.get("user_error"):
+            raise UserError(message) from None
+        # A crash: the worker's traceback.
         if isinstance(message, dict):
             print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
             # Named from the recorded error, not the exit status: a process that raised can

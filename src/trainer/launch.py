@@ -151,7 +151,7 @@ def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
         result = launch(cfg.device, worker, OmegaConf.to_container(cfg, resolve=True),
                         str(run_dir))
     except UserError as error:
-        if (run_dir / "checkpoints" / "last.pt").is_file():
+        if (run_dir / "checkpoints" / "last.pt").is_file() and "resume=" not in str(error):
             raise UserError(f"{error}; resume from its last checkpoint with: train "
                             f"resume={run_dir}") from None
         raise
@@ -173,6 +173,7 @@ def log_to_run_dir(run_dir: str, main: bool) -> None:
 
 def worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
+    from trainer.distributed import record_user_error
     from trainer.loop import train as run_training
 
     main = env_rank() == 0
@@ -180,8 +181,7 @@ def worker(config: dict, run_dir: str) -> dict[str, float]:
     try:
         return run_training(OmegaConf.create(config), Path(run_dir))
     except UserError as error:
-        if main:
-            print(f"error: {error}", file=sys.stderr)
+        record_user_error(str(error))
         sys.exit(2)
     except Stopped as stopped:
         if main:

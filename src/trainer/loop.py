@@ -29,7 +29,7 @@ from trainer.averaging import WeightAverage
 from trainer.config import call, instantiate, validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
-from trainer.errors import UserError
+from trainer.errors import UserError, out_of_memory_explained
 from trainer.init_from import encode_as_source, weights_from_source
 from trainer.logging import Loggers, Throughput, announce, build_loggers, shown
 from trainer.models.pretrained import weights_from_checkpoint
@@ -82,9 +82,12 @@ def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
 def build_model(cfg: DictConfig, spec: DataSpec, rt: Runtime) -> tuple[Task, nn.Module]:
     """The task for cfg.model on data of this spec, and its model on rt's device."""
     task = task_for(cfg.model, spec, cfg.trainer)
-    model = task.build_model(cfg.model, spec)
-    torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; per-rank noise after
-    model = model.to(rt.device, memory_format=memory_format(cfg.device.channels_last, rt, model))
+    with out_of_memory_explained(lambda: "the model alone does not fit: make it smaller (its "
+                                 "model.* sizes)"):
+        model = task.build_model(cfg.model, spec)
+        torch.manual_seed(cfg.seed + rt.rank)  # the same weights everywhere; noise differs after
+        model = model.to(rt.device,
+                         memory_format=memory_format(cfg.device.channels_last, rt, model))
     return task, model
 
 
@@ -137,14 +140,8 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
     In a process group every rank calls this; only rank 0 needs to know `run_dir`. A SIGTERM or
     a first Ctrl-C ends the current step, saves last.pt and raises `Stopped`.
     """
-    if cfg.resume:  # its checkpoint holds every weight: pretrained ones are not read again
-        with weights_from_checkpoint():
-            s = build(cfg)
-    else:
-        s = build_fresh(cfg)
-    run = prepare(s, Path(s.rt.share(str(run_dir))))
-    if cfg.resume:
-        restore(run, checkpoint.resume_path(cfg.resume))
+    run = ready(cfg, run_dir)
+    s = run.s
     # purge_step drops what a killed run logged after its last checkpoint (step T's own scalars
     # were logged before last.pt was written, so they stay).
     if s.rt.is_main:
@@ -153,13 +150,45 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
         run.logger.config(OmegaConf.to_yaml(cfg))
     if s.rt.is_main:
         announce(run)
-    if run.progress.step == 0:
-        sanity_check(run)
-    with StopRequest() as stop:
-        fit(run, stop)
-    metrics = finish(run)
+    with out_of_memory_explained(lambda: smaller_steps(run)):
+        if run.progress.step == 0:
+            sanity_check(run)
+        with StopRequest() as stop:
+            fit(run, stop)
+        metrics = finish(run)
     s.rt.close()
     return metrics
+
+
+def ready(cfg: DictConfig, run_dir: Path | None) -> Run:
+    """The model, data, optimizers and the rest, built for step 0 or restored from the
+    checkpoint that cfg.resume names."""
+    if cfg.resume:  # its checkpoint holds every weight: pretrained ones are not read again
+        with weights_from_checkpoint():
+            s = build(cfg)
+    else:
+        s = build_fresh(cfg)
+    run = prepare(s, Path(s.rt.share(str(run_dir))))
+    if cfg.resume:
+        restore(run, checkpoint.resume_path(cfg.resume))
+    return run
+
+
+def smaller_steps(run: Run) -> str:
+    """What to change when a step, a validation or the test runs out of memory."""
+    s = run.s
+    changes = [f"lower data.batch_size={s.data.batch_size} (with trainer.accumulate=K for the "
+               "same batch per step)"]
+    if s.rt.precision == "32" and s.rt.device.type != "cpu":
+        changes.append("device.precision=bf16")
+    if s.cfg.model.get("activation_checkpointing") is False:
+        changes.append("model.activation_checkpointing=true")
+    changes.append("a smaller model")
+    # In a process group the launcher says how to resume, once every rank has stopped.
+    last = run.checkpoints / "last.pt"
+    kept = f"; its last.pt is kept: continue with train resume={shown(run.run_dir)} and the " \
+        "changed keys" if s.rt.world == 1 and last.is_file() else ""
+    return f"{', '.join(changes[:-1])}{' or ' if len(changes) > 1 else ''}{changes[-1]}{kept}"
 
 
 def build_fresh(cfg: DictConfig) -> Setup:

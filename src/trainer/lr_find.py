@@ -19,9 +19,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from trainer.data import Batch, train_batches
-from trainer.errors import UserError
+from trainer.errors import UserError, out_of_memory_explained
 from trainer.logging import shown
-from trainer.loop import Run, Setup, build_fresh, prepare, train_step
+from trainer.loop import Run, Setup, build_fresh, prepare, smaller_steps, train_step
 from trainer.tables import aligned
 
 log = logging.getLogger("trainer")
@@ -44,7 +44,8 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
                         f"model={type(s.model).__name__.lower()} "
                         "trains two networks against each other, whose losses do not fall "
                         "together: choose optimizer.lr by a sweep instead")
-    lrs, losses = range_test(run, _batches(s))
+    with out_of_memory_explained(lambda: smaller_steps(run)):
+        lrs, losses = range_test(run, _batches(s))
     suggested = steepest(lrs, losses)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

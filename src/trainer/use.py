@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import DEVICE_TYPES, saved_config, validate
-from trainer.errors import UserError
+from trainer.errors import UserError, out_of_memory_explained
 from trainer.models.pretrained import weights_from_checkpoint
 
 log = logging.getLogger("trainer")
@@ -41,7 +41,10 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
         s = build(train_cfg, data)
     # The validation split as the run validated: up to its trainer.eval_batches.
     cap = train_cfg.trainer.eval_batches if split == "val" else None
-    metrics, validated, report = test_checkpoint(s, path, state, split, cap)
+    with out_of_memory_explained(lambda: "evaluate with a smaller batch (data.batch_size=N; "
+                                 f"the run's is {s.data.batch_size}) or on another device "
+                                 "(device=cpu)"):
+        metrics, validated, report = test_checkpoint(s, path, state, split, cap)
     if report:
         log.info("%s split, by class:\n%s", split, report)
     saved = Path(cfg.run_dir) / "metrics.json"
