@@ -10,7 +10,8 @@ from trainer.loop import train
 RUN = ["debug=fast", "logger=none", "model.dropout=0"]
 
 
-def test_a_profiled_run_writes_a_trace_and_the_operators_and_trains_the_same(tmp_path, caplog):
+def test_a_profiled_run_writes_a_trace_and_the_operators_and_trains_the_same(tmp_path, caplog,
+                                                                             capfd):
     caplog.set_level("INFO", logger="trainer")
     plain = train(compose_train(*RUN), tmp_path / "plain")
     profiled = train(compose_train(*RUN, "trainer.profile=2"), tmp_path / "profiled")
@@ -27,6 +28,7 @@ def test_a_profiled_run_writes_a_trace_and_the_operators_and_trains_the_same(tmp
     assert "profile of steps 3-4" in caplog.text
     assert "(no operator: Python, waiting for data)" in caplog.text
     assert not (tmp_path / "plain" / "profile").exists()
+    assert "USDT" not in capfd.readouterr().err  # Kineto's tracepoint lines, printed from C++
 
 
 def test_a_run_that_ends_in_the_warm_up_says_nothing_was_recorded(tmp_path, caplog):

@@ -33,8 +33,9 @@ def profiled(run: Run) -> Iterator[Callable[[], None]]:
     if not steps or not run.s.rt.is_main:
         yield lambda: None
         return
-    # Kineto reports a CUDA build's missing GPU as an error; on a CPU run that is no error.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    # Kineto reports a CUDA build's missing GPU as an error, on a CPU run no error, and prints
+    # its USDT tracepoints (profiler_start, profiler_stop) below level 6.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     on_gpu = run.s.rt.device.type == "cuda"
     first = run.progress.step + WARMUP + 1
     window = torch.profiler.schedule(wait=0, warmup=WARMUP, active=steps, repeat=1)
