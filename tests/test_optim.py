@@ -108,8 +108,8 @@ def test_a_run_saved_with_one_group_per_optimizer_resumes_exactly(tmp_path, monk
 
 
 def test_optimizers_use_their_fused_kernel_on_cuda_unless_the_config_says_otherwise():
-    from trainer.config import instantiate
     from trainer.optim import device_options
+    from trainer.targets import instantiate
 
     adamw, cuda = instantiate(compose_train().optimizer), torch.device("cuda", 0)
     assert device_options(adamw, cuda) == {"fused": True}

@@ -28,10 +28,10 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.export import Dim
 
-from trainer.config import instantiate
 from trainer.data import DataSpec
 from trainer.errors import UserError
 from trainer.loop import Setup
+from trainer.targets import instantiate
 
 log = logging.getLogger("trainer")
 

@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from trainer.checkpoint import load, resume_path
-from trainer.config import instantiate
 from trainer.errors import UserError, listed
 from trainer.logging import shown
 from trainer.models.lora import ADAPTER, merged
+from trainer.targets import instantiate
 
 if TYPE_CHECKING:
     from trainer.loop import Setup

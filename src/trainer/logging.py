@@ -104,7 +104,7 @@ class Loggers:
 
 def build_loggers(cfg: DictConfig, run_dir: Path, purge_step: int) -> Loggers:
     """The loggers of the `logger` group: one `_target_` node per chosen option."""
-    from trainer.config import instantiate
+    from trainer.targets import instantiate
 
     nodes = [cfg] if "_target_" in cfg else list(cfg.values())  # a run of an older trainer
     return Loggers([instantiate(node, run_dir=run_dir, purge_step=purge_step) for node in nodes])

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import checkpoint
 from trainer.averaging import WeightAverage
-from trainer.config import call, instantiate, validate
+from trainer.config import validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError, out_of_memory_explained
@@ -37,6 +37,7 @@ from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
 from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
+from trainer.targets import call, instantiate
 from trainer.tasks import Task, task_for
 from trainer.validation import (
     check_finite,

@@ -74,9 +74,9 @@ def _other_data(cfg: DictConfig, state: dict[str, Any], train_cfg: DictConfig
     """The run's config with cfg.data's keys changed in its data, and that data, checked to mean
     what the run's did: the same classes and image shape, or text in the run's vocabulary (a
     tokenizer trained on the run's text encodes the other text too)."""
-    from trainer.config import instantiate
     from trainer.data import spec_from_record
     from trainer.data.matching import matched
+    from trainer.targets import instantiate
 
     if not isinstance(cfg.data, DictConfig):
         raise UserError(f"data={cfg.data}: evaluate keeps the run's data source and changes its "
@@ -147,7 +147,7 @@ def _default_prompt(train_cfg: DictConfig) -> list[int]:
     generate reads the run's data for."""
     import torch
 
-    from trainer.config import instantiate
+    from trainer.targets import instantiate
 
     try:
         data = instantiate(train_cfg.data, seed=train_cfg.seed)
@@ -312,10 +312,10 @@ def _adapters_merged(run: Restored) -> Restored:
 def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     """The run's Setup for export, and what its checks run on: the test split of the run's data,
     or, where that cannot be read here, random inputs of its shape."""
-    from trainer.config import instantiate
     from trainer.data import DataModule
     from trainer.export import RandomInputs
     from trainer.loop import Setup
+    from trainer.targets import instantiate
 
     run = _adapters_merged(restored_model(cfg))
     try:

@@ -15,9 +15,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.config import instantiate
 from trainer.data import DataSpec, Split
 from trainer.errors import UserError
+from trainer.targets import instantiate
 
 
 class Task:
