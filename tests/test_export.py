@@ -63,6 +63,39 @@ def test_export_model_onnx_matches_pytorch_on_another_batch_size(tmp_path, finis
     assert described["input"]["shape"] == ["batch", 1, 8, 8]
 
 
+def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, finished_run):
+    import onnx
+
+    result = run_cli("export-model", f"run_dir={finished_run}", "format=onnx_int8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "its top predictions match PyTorch's" in result.stderr
+    assert "int8 weights, 0." in result.stderr  # a share of the float model's size
+    path = finished_run / "export" / "model.int8.onnx"
+    operators = {node.op_type for node in onnx.load(path).graph.node}
+    assert "MatMulInteger" in operators and "Conv" in operators  # linear in int8, conv float
+    entry = json.loads((finished_run / "export" / "export.json").read_text())["formats"][
+        "onnx_int8"]
+    assert entry == json.loads(result.stdout.strip().splitlines()[-1])
+    assert entry["bytes"] < 0.7 * entry["float_bytes"]
+    model, inputs = restored_model(finished_run)
+    with torch.no_grad():
+        expected = model(inputs).argmax(-1)
+    assert (onnx_outputs(path, inputs).argmax(-1) == expected).float().mean() >= 0.8
+
+
+def test_an_int8_export_that_changes_predictions_is_refused_and_removed(finished_run,
+                                                                        monkeypatch):
+    from trainer.use import export_job
+
+    monkeypatch.setattr("trainer.export.INT8_AGREEMENT", 1.01)  # more than any export can give
+    with pytest.raises(UserError, match=r"model.int8.onnx disagrees with the PyTorch model on 16 "
+                                        r"test inputs: its top predictions match PyTorch's "
+                                        r"[\d.]+% of the time \(less than 101%\); serve "
+                                        r"format=onnx instead"):
+        export_job(export_cfg(finished_run, "onnx_int8"))
+    assert not (finished_run / "export" / "model.int8.onnx").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One finished debug=fast run per architecture (language models on a small text)."""
@@ -87,6 +120,11 @@ def test_every_model_exports_to_every_format(trained, model):
     run = trained[model]
     for fmt in ("torch_export", "onnx", "safetensors"):
         assert export_job(export_cfg(run, fmt))["max_abs_diff"] <= 1e-4
+    int8 = export_job(export_cfg(run, "onnx_int8"))
+    assert int8["bytes"] < int8["float_bytes"]  # every model has linear layers
+    # Scores must lead to the same predictions; images stay close (both checked by the export).
+    assert int8.get("top1_agreement", 1) >= 0.9 and int8["max_abs_diff"] <= 0.5
+    assert ("top1_agreement" in int8) == (model in ("cnn", "rnn", "transformer"))
     folder = run / "export"
     reference, inputs = restored_model(run)
     with torch.no_grad():
@@ -99,7 +137,7 @@ def test_every_model_exports_to_every_format(trained, model):
         torch.testing.assert_close(safetensors_model(folder)(inputs), expected, rtol=1e-5,
                                    atol=1e-6)
     described = json.loads((folder / "export.json").read_text())
-    assert set(described["formats"]) == {"torch_export", "onnx", "safetensors"}
+    assert set(described["formats"]) == {"torch_export", "onnx", "onnx_int8", "safetensors"}
     if model == "transformer":  # any length up to the context, in ONNX too
         assert described["formats"]["onnx"]["dynamic"] == ["batch", "tokens"]
         with torch.no_grad():

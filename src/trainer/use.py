@@ -285,8 +285,16 @@ def export_job(cfg: DictConfig) -> dict[str, Any]:
     folder = output_folder(cfg.outputs, Path(cfg.run_dir) / "export")
     s, checked_on = _exportable(cfg)
     entry = export(s, cfg.format, folder, cfg.count, checked_on)
-    log.info("exported %s: outputs equal PyTorch's within %.2g on %d %s",
-             folder / entry["file"], entry["max_abs_diff"], entry["inputs_checked"], checked_on)
+    checked = f"{entry['inputs_checked']} {checked_on}"
+    if "top1_agreement" in entry:
+        found = (f"its top predictions match PyTorch's {entry['top1_agreement']:.1%} of the "
+                 f"time on {checked}")
+    else:
+        found = f"outputs equal PyTorch's within {entry['max_abs_diff']:.2g} on {checked}"
+    if "float_bytes" in entry:
+        found += (f"; int8 weights, {entry['bytes'] / entry['float_bytes']:.2f}x the float "
+                  f"model's {entry['float_bytes'] / 1e6:.2g} MB")
+    log.info("exported %s: %s", folder / entry["file"], found)
     print(json.dumps(entry))
     return entry
 

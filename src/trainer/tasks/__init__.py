@@ -30,6 +30,7 @@ class Task:
     # What an exported model takes and gives (export.json says it to the serving side).
     served_input = "images scaled to [-1, 1] (pixel / 127.5 - 1), channels first"
     served_output = "class scores (logits), in the order of `classes`"
+    served_scores = True  # the output's last dimension scores choices (its argmax is the answer)
     note: str | None = None  # what the task fitted to the data, said before the first step
     # How a finished run is put to use (its directory for RUN), said when training ends.
     use_command = "predict run_dir=RUN inputs=IMAGES"

@@ -27,6 +27,7 @@ class Adversarial(Task):
     stages = ("d_", "g_")  # train/d_grad_norm, train/g_grad_norm
 
     served_input = "latent vectors drawn from a standard normal distribution"
+    served_scores = False
     served_output = "generated images in [-1, 1] (pixel = (x + 1) * 127.5), channels first"
 
     def model_sizes(self, spec: DataSpec) -> dict[str, Any]:

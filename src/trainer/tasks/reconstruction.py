@@ -22,6 +22,7 @@ class Reconstruction(Task):
     shown = 16
 
     served_output = "reconstructed images in [-1, 1], the input's shape"
+    served_scores = False
 
     def model_sizes(self, spec: DataSpec) -> dict[str, Any]:
         return {"in_shape": spec.in_shape}
