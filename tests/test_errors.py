@@ -94,8 +94,9 @@ def test_out_of_memory_in_a_step_says_what_to_change_and_keeps_last_pt(tmp_path)
     [run] = run_dirs(tmp_path)
     assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more (of "
                        "79.15 GiB); lower data.batch_size=16 (with trainer.accumulate=K for the "
-                       "same batch per step) or a smaller model; its last.pt is kept: continue "
-                       f"with train resume={run.relative_to(tmp_path)} and the changed keys")
+                       "same batch per step), or use a smaller model; its last.pt is kept: "
+                       f"continue with train resume={run.relative_to(tmp_path)} and the changed "
+                       "keys")
     resumed = run_cli("train", f"resume={run}", "data.batch_size=8", "trainer.accumulate=2",
                       cwd=tmp_path, env=FAILING_MODELS)  # no crash planned this time
     assert resumed.returncode == 0, resumed.stderr

@@ -21,7 +21,6 @@ def listed(items: Iterable[object], most: int = 8) -> str:
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
-
 # How torch reports a failed allocation: OutOfMemoryError on a GPU (its message gives the size
 # with a unit), a RuntimeError from the CPU's allocator (the size in bytes).
 _TRIED = re.compile(r"[Tt]ried to allocate ([\d.]+) ?(bytes|[KMGTP]i?B)")

@@ -130,7 +130,6 @@ def _torch_export(s: Setup, module: nn.Module, inputs: Tensor, path: Path,
 
 def _onnx(s: Setup, module: nn.Module, inputs: Tensor, path: Path,
           shapes: Shapes) -> Callable:
-
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > \
         ONNX_SINGLE_FILE_BYTES
     torch.onnx.export(module, (inputs[:TRACED],), path, dynamo=True, external_data=large,
@@ -140,11 +139,13 @@ def _onnx(s: Setup, module: nn.Module, inputs: Tensor, path: Path,
 
 
 class OnnxSession:
-    """An ONNX file in onnxruntime on the CPU, called as the PyTorch model is."""
+    """An ONNX file in onnxruntime on the CPU, called as the PyTorch model is. `float_bytes`: for
+    an int8 graph, the size of the float one it was made from."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, float_bytes: int | None = None) -> None:
         import onnxruntime
 
+        self.float_bytes = float_bytes
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -169,9 +170,7 @@ def _onnx_int8(s: Setup, module: nn.Module, inputs: Tensor, path: Path,
                           save_as_external_data=large)
         quantize_dynamic(folded, path, weight_type=QuantType.QInt8,
                          op_types_to_quantize=INT8_OPERATORS, use_external_data_format=large)
-    run_int8 = OnnxSession(path)
-    run_int8.float_bytes = float_bytes
-    return run_int8
+    return OnnxSession(path, float_bytes)
 
 
 def _refuse_if_unfaithful(path: Path, fmt: str, difference: float, agreement: float | None,

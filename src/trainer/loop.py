@@ -181,15 +181,15 @@ def smaller_steps(run: Run) -> str:
     changes = [f"lower data.batch_size={s.data.batch_size} (with trainer.accumulate=K for the "
                "same batch per step)"]
     if s.rt.precision == "32" and s.rt.device.type != "cpu":
-        changes.append("device.precision=bf16")
+        changes.append("set device.precision=bf16")
     if s.cfg.model.get("activation_checkpointing") is False:
-        changes.append("model.activation_checkpointing=true")
-    changes.append("a smaller model")
+        changes.append("set model.activation_checkpointing=true")
+    changes.append("use a smaller model")
     # In a process group the launcher says how to resume, once every rank has stopped.
     last = run.checkpoints / "last.pt"
     kept = f"; its last.pt is kept: continue with train resume={shown(run.run_dir)} and the " \
         "changed keys" if s.rt.world == 1 and last.is_file() else ""
-    return f"{', '.join(changes[:-1])}{' or ' if len(changes) > 1 else ''}{changes[-1]}{kept}"
+    return f"{', '.join(changes[:-1])}, or {changes[-1]}{kept}"
 
 
 def build_fresh(cfg: DictConfig) -> Setup:
