@@ -35,8 +35,8 @@ def test_groups_have_the_documented_options():
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_passes_the_checks(group):
     for option in options(group):
-        required = {"image_folder": ["data.path=x"], "text": ["data.path=x"],
-                    "hf": ["data.name=x"]}
+        required = {"image_folder": ["data.path=x"], "text": ["data.path=x", "model=rnn"],
+                    "shakespeare": ["model=rnn"], "hf": ["data.name=x"]}
         validate(compose_train(f"{group}={option}",
                                *(required.get(option, []) if group == "data" else [])))
 

@@ -28,7 +28,8 @@ from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
     (["optimizer.lr=-0.1"], ["error: optimizer.lr=-0.1 is out of range: it must be > 0"]),
     (["optimizer.lr=0"], ["optimizer.lr=0 is out of range"]),
     (["data.batch_size=0"], ["data.batch_size=0 is out of range: it must be >= 1"]),
-    (["data=text", "data.path=/no/such/file.txt"], ["data.path='/no/such/file.txt' is not a file"]),
+    (["model=rnn", "data=text", "data.path=/no/such/file.txt"],
+     ["data.path='/no/such/file.txt' is not a file"]),
     (["data=text"], ["data.path is required here"]),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"],
      ["data.val_fraction=0.5 + data.test_fraction=0.5 leave no training data"]),
@@ -43,6 +44,9 @@ from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
     (["model=transformer", "model.heads=0"], ["model.heads=0 is out of range"]),
     (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
                                                   "momentum"]),
+    # Refused before the data is read: the missing file is never looked for.
+    (["model=gan", "data=text", "data.path=/no/such/file.txt"],
+     ["error: model=gan cannot train on text data (data=text); it accepts image data: digits"]),
     (["model.depth=5"], ["error: model.depth=5: 5 conv blocks would halve a 8x8 image"]),
     # A real allocation failure, on any machine: 3.6 PB for the first layer's weights.
     (["model.width=100000000000000"], ["error: out of memory: this machine could not allocate "

@@ -49,6 +49,9 @@ def test_the_command_prints_the_train_command_with_the_suggested_rate(tmp_path):
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["model=gan"], "lr_find=true needs one loss to minimise; model=gan trains two networks"),
+    # Refused before the data is read: the missing folder is never looked for.
+    (["model=gan", "data=image_folder", "data.path=no-such-folder"],
+     "lr_find=true needs one loss to minimise; model=gan trains two networks"),
     (["device=cpu", "device.count=2"], "lr_find=true runs in one process: drop device.count=2"),
 ])
 def test_what_the_range_test_refuses(tmp_path, args, fragment):

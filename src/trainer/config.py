@@ -279,3 +279,15 @@ def validate(cfg: DictConfig) -> None:
                 check_target_node(node, "logger", f"logger.{name}")
         else:
             check_target_node(cfg[group], group)
+    _check_pairing(cfg)
+
+
+def _check_pairing(cfg: DictConfig) -> None:
+    """The model must train on the kind of data configured, which is known before it is read
+    (not for a Hugging Face set, whose columns decide: the task checks once it is read)."""
+    from trainer.data import configured_kind
+    from trainer.tasks import check_pairing
+
+    kind = configured_kind(cfg.data)
+    if kind:
+        check_pairing(cfg.model, kind, cfg.data._target_.rsplit(".", 1)[-1])

@@ -16,13 +16,15 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from trainer.data import Batch, train_batches
+from trainer.data import Batch, configured_kind, train_batches
 from trainer.errors import UserError, out_of_memory_explained
 from trainer.logging import shown
 from trainer.loop import Run, Setup, build_fresh, prepare, smaller_steps, train_step
 from trainer.tables import aligned
+from trainer.tasks import task_class
 
 log = logging.getLogger("trainer")
 
@@ -37,13 +39,13 @@ SHOWN = 20  # rows of the table in the log
 def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, float]:
     """Run the range test for cfg, write run_dir/lr_find.csv, log the curve and the suggested
     optimizer.lr with the train command (`command`, the user's overrides) that uses it."""
+    model_class = get_class(cfg.model._target_)
+    kind = configured_kind(cfg.data)  # known before the data is read, but for a Hugging Face set
+    if kind:
+        _check_one_loss(model_class, len(task_class(model_class, kind).stages))
     s = build_fresh(cfg)
     run = prepare(s, run_dir)
-    if len(run.optimizers) > 1:
-        raise UserError(f"lr_find=true needs one loss to minimise; "
-                        f"model={type(s.model).__name__.lower()} "
-                        "trains two networks against each other, whose losses do not fall "
-                        "together: choose optimizer.lr by a sweep instead")
+    _check_one_loss(model_class, len(run.optimizers))
     with out_of_memory_explained(lambda: smaller_steps(run)):
         lrs, losses = range_test(run, _batches(s))
     suggested = steepest(lrs, losses)
@@ -62,6 +64,14 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
              "train with it:\n  train %s", lrs[suggested], shown(run_dir / "lr_find.csv"),
              " ".join([*command, f"optimizer.lr={lrs[suggested]:.2e}"]))
     return {"lr_find/suggested_lr": lrs[suggested]}
+
+
+def _check_one_loss(model_class: type, optimizers: int) -> None:
+    if optimizers > 1:
+        raise UserError(f"lr_find=true needs one loss to minimise; "
+                        f"model={model_class.__name__.lower()} trains two networks against each "
+                        "other, whose losses do not fall together: choose optimizer.lr by a "
+                        "sweep instead")
 
 
 def _batches(s: Setup) -> Iterator[Batch]:

@@ -10,15 +10,20 @@ batch, so a run can be resumed bit for bit and sharded without a sampler object.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig
 from torch import Tensor
 
 from trainer.errors import UserError
+
+KINDS = ("image", "text")  # what DataSpec.kind can be; a data module's KIND says its own
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,13 @@ class DataModule:
         held = getattr(self.train, "held", None)  # read from disk: decoded once, kept
         train = held(chosen) if held else Subset(self.train, chosen)
         return DataModule(self.spec, train, _unaugmented(train), self.test, self.batch_size)
+
+
+def configured_kind(data_cfg: DictConfig) -> str | None:
+    """The kind of data a data config gives, known before any is read: the KIND of its target's
+    module (images.py, text.py); None where the data decides (a Hugging Face set)."""
+    target = get_object(data_cfg._target_)
+    return getattr(sys.modules[target.__module__], "KIND", None)
 
 
 def _unaugmented(split: Split) -> Split:

@@ -32,6 +32,7 @@ from trainer.data.transforms import Augment, make_augment, to_unit_range
 from trainer.errors import UserError
 
 # `in_memory: auto` holds a set in memory when its decoded uint8 pixels take at most this much.
+KIND = "image"  # every source here (data.configured_kind)
 IN_MEMORY_LIMIT = 512 * 2**20
 
 

@@ -19,6 +19,7 @@ SHAKESPEARE_URL = (
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 # A split of fewer tokens is copied out of the memory map into a tensor (int32: 64 MB at most),
 # so it moves to the GPU whole and batches by indexing there; larger ones read pages per batch.
+KIND = "text"  # every source here (data.configured_kind)
 IN_MEMORY_TOKENS = 1 << 24
 
 

@@ -15,7 +15,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.data import DataSpec, Split
+from trainer.data import KINDS, DataSpec, Split
 from trainer.errors import UserError
 from trainer.targets import instantiate
 
@@ -92,9 +92,8 @@ class Task:
 CLASSIFICATION_OPTIONS: dict[str, Any] = {"label_smoothing": 0.0, "class_weights": None}
 
 
-def task_for(model_cfg: DictConfig, spec: DataSpec, trainer_cfg: Any = None) -> Task:
-    """The task for this model and data, or a UserError naming the data the model accepts (or
-    saying that a classification option of `trainer_cfg` does not apply)."""
+def task_class(model_class: type, kind: str) -> type[Task] | None:
+    """The model x data matrix: the task of this architecture on image or text data, if any."""
     from trainer.models.autoencoder import Autoencoder
     from trainer.models.cnn import CNN
     from trainer.models.gan import GAN
@@ -114,26 +113,49 @@ def task_for(model_cfg: DictConfig, spec: DataSpec, trainer_cfg: Any = None) -> 
         (GAN, "image"): Adversarial,
         (Autoencoder, "image"): Reconstruction,
     }
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of data {kind!r}")
+    return next((task for (known, on), task in matrix.items()
+                 if issubclass(model_class, known) and on == kind), None)
+
+
+def task_for(model_cfg: DictConfig, spec: DataSpec, trainer_cfg: Any = None) -> Task:
+    """The task for this model and data, or a UserError naming the data the model accepts (or
+    saying that a classification option of `trainer_cfg` does not apply)."""
+    from trainer.tasks.classification import Classification
+
+    model_class = check_pairing(model_cfg, spec.kind, spec.name)
+    task = task_class(model_class, spec.kind)
     options = {key: (trainer_cfg or {}).get(key, default)
                for key, default in CLASSIFICATION_OPTIONS.items()}
+    if task is Classification:
+        _check_classes(model_class.__name__, spec)
+        names = spec.classes or tuple(str(c) for c in range(spec.num_classes))
+        return Classification(names, **options)
+    for key, value in options.items():
+        if value != CLASSIFICATION_OPTIONS[key]:
+            default = {0.0: "0", None: "null"}[CLASSIFICATION_OPTIONS[key]]
+            raise UserError(f"trainer.{key}={value} applies to classification only, and "
+                            f"model={model_class.__name__.lower()} on {spec.kind} data is not "
+                            f"a classifier: set it to {default}")
+    return task()
+
+
+def check_pairing(model_cfg: DictConfig, kind: str, data_name: str) -> type:
+    """The model's class, if it trains on `kind` data; else a UserError naming the data it
+    accepts. Asked before the data is read too (the data's kind is known from its config), so a
+    mismatch costs no tokenizing or decoding."""
     model_class = get_class(model_cfg._target_)
-    for (known, kind), task in matrix.items():
-        if issubclass(model_class, known) and kind == spec.kind:
-            if task is Classification:
-                _check_classes(model_class.__name__, spec)
-                names = spec.classes or tuple(str(c) for c in range(spec.num_classes))
-                return Classification(names, **options)
-            for key, value in options.items():
-                if value != CLASSIFICATION_OPTIONS[key]:
-                    default = {0.0: "0", None: "null"}[CLASSIFICATION_OPTIONS[key]]
-                    raise UserError(f"trainer.{key}={value} applies to classification only, and "
-                                    f"model={model_class.__name__.lower()} on {kind} data is not "
-                                    f"a classifier: set it to {default}")
-            return task()
-    kinds = sorted({kind for known, kind in matrix if issubclass(model_class, known)})
+    if task_class(model_class, kind):
+        return model_class
+    kinds = [k for k in KINDS if task_class(model_class, k)]
     if not kinds:
         raise UserError(f"model._target_={model_cfg._target_!r} is not a known architecture")
-    return _incompatible(model_class.__name__, spec, kinds)
+    accepted = {"image": "digits, mnist, fashion_mnist, cifar10, image_folder, hf with images",
+                "text": "shakespeare, text, hf with text"}
+    choices = "; ".join(accepted[k] for k in kinds)
+    raise UserError(f"model={model_class.__name__.lower()} cannot train on {kind} data "
+                    f"(data={data_name}); it accepts {' or '.join(kinds)} data: {choices}")
 
 
 def _check_classes(model: str, spec: DataSpec) -> None:
@@ -142,14 +164,6 @@ def _check_classes(model: str, spec: DataSpec) -> None:
         raise UserError(f"model={model.lower()} classifies images, but data={spec.name} has "
                         f"{has}: a classifier needs two or more (image_folder: a sub-folder of "
                         "images per class, DIR/cat/1.jpg, DIR/dog/2.jpg)")
-
-
-def _incompatible(model: str, spec: DataSpec, kinds: list[str]) -> Task:
-    accepted = {"image": "digits, mnist, fashion_mnist, cifar10, image_folder, hf with images",
-                "text": "shakespeare, text, hf with text"}
-    choices = "; ".join(accepted[k] for k in kinds)
-    raise UserError(f"model={model.lower()} cannot train on {spec.kind} data (data={spec.name}); "
-                    f"it accepts {' or '.join(kinds)} data: {choices}")
 
 
 def mean_of(totals: dict[str, float], *keys: str) -> dict[str, float]:
