@@ -91,6 +91,7 @@ def test_divergence_stops_with_advice(tmp_path):
     assert_clean_error(result, "training diverged", "optimizer.lr")
 
 
+@pytest.mark.slow  # two runs
 def test_out_of_memory_in_a_step_says_what_to_change_and_keeps_last_pt(tmp_path):
     failing = ["model._target_=failing_model.CrashingCNN", "trainer.checkpoint_every=2"]
     result = run_cli("train", "debug=fast", *failing, cwd=tmp_path,

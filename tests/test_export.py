@@ -63,6 +63,7 @@ def test_export_model_onnx_matches_pytorch_on_another_batch_size(tmp_path, finis
     assert described["input"]["shape"] == ["batch", 1, 8, 8]
 
 
+@pytest.mark.slow  # two exports in onnxruntime
 def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, finished_run):
     import onnx
 
