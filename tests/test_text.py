@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -366,3 +367,42 @@ def test_generate_is_seeded_runs_past_the_context_and_stops_on_time():
     assert not torch.equal(generate(model, prompt, 30, seed=8), first)
     assert len(generate(model, prompt, 30, seed=7, seconds=0)) == 4  # time is up after one
     assert model.training  # as it was
+
+
+class Terminal:
+    """stderr as tqdm sees a terminal: it draws its bars there."""
+
+    def __init__(self) -> None:
+        self.drawn: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.drawn.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_each_pass_over_a_text_shows_its_progress_on_a_terminal_only(text_file, monkeypatch,
+                                                                     tokenizer):
+    """A large corpus takes minutes to hash and tokenize: each pass says what it does and how far
+    it is, once it has run PROGRESS_DELAY (here at once)."""
+    monkeypatch.setattr(tokenize, "PROGRESS_DELAY", 0)
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    text(str(text_file), block_size=8, tokenizer=tokenizer, vocab_size=300)
+    drawn = "".join(terminal.drawn)
+    passes = (["checking corpus.txt", "tokenizing corpus.txt"] + (
+        ["reading corpus.txt", "training bpe on corpus.txt"] if tokenizer == "bpe" else []))
+    for what in passes:
+        assert f"{what}:" in drawn and "B/s" in drawn
+    monkeypatch.undo()  # a log file, not a terminal: no bars, from the cache or afresh
+    (text_file.parent / "other.txt").write_text(text_file.read_text())
+    piped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", piped)
+    monkeypatch.setattr(tokenize, "PROGRESS_DELAY", 0)
+    text(str(text_file.parent / "other.txt"), block_size=8, tokenizer=tokenizer, vocab_size=300)
+    assert piped.getvalue() == ""

@@ -253,7 +253,7 @@ def _write_first_seen(path: Path, target: Path, dtype: type) -> np.ndarray:
     order: list[np.ndarray] = []
     known = 0
     with open(target, "wb") as out:
-        for offset, piece in utf8_pieces(path):
+        for offset, piece in utf8_pieces(path, progress=f"tokenizing {path.name}"):
             codes = code_points(piece, offset, path)
             ids = lookup[codes]  # one gather per chunk; ids come out in the file's dtype
             missing = ids == unseen
@@ -275,7 +275,8 @@ def _write_hf(path: Path, choice: Choice, lengths: list[int], folder: Path, out:
               ) -> tuple[HFTokenizer, list[int], type]:
     """bpe: train on the train split (and save it); then encode each split on its own."""
     if choice.kind == "bpe":
-        train = itertools.takewhile(lambda piece: piece[0] == 0, split_texts(path, lengths))
+        train = itertools.takewhile(lambda piece: piece[0] == 0, split_texts(
+            path, lengths, f"training {choice.kind} on {path.name}"))
         trained = train_bpe(line_batches(text for _, text in train), choice.vocab_size)
         _write_atomic(folder / "tokenizer.json", trained.to_str().encode())
         tokenizer = HFTokenizer(trained, "bpe")
@@ -283,7 +284,8 @@ def _write_hf(path: Path, choice: Choice, lengths: list[int], folder: Path, out:
         assert choice.loaded is not None
         tokenizer = choice.loaded
     dtype, counts = _dtype(tokenizer.vocab_size), [0, 0, 0]
-    for split, pieces in itertools.groupby(split_texts(path, lengths), key=lambda p: p[0]):
+    texts = split_texts(path, lengths, f"tokenizing {path.name}")
+    for split, pieces in itertools.groupby(texts, key=lambda p: p[0]):
         for batch in line_batches(text for _, text in pieces):
             for ids in tokenizer.encode_many(batch):
                 out.write(np.asarray(ids, dtype=dtype).tobytes())

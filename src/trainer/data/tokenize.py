@@ -19,14 +19,17 @@ import numpy as np
 import tokenizers
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from trainer.errors import UserError, listed
+from trainer.ranks import env_rank
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20  # what one step of the first run reads; bounds its memory
 BPE_VOCAB = (256, 1 << 20)  # one token per byte at least; more ids than this is a mistake
 UNICODE = 0x110000
+PROGRESS_DELAY = 1.0  # seconds a pass over a text runs before its progress bar shows
 TOKENIZER_CHOICES = "char, bpe, or a path to a tokenizer.json file"
 
 
@@ -197,18 +200,30 @@ def load_tokenizer_file(path: Path) -> HFTokenizer:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _bytes_read(path, f"checking {path.name}") as bar:
         while block := f.read(CHUNK_BYTES):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
-def utf8_pieces(path: Path, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+def _bytes_read(path: Path, progress: str | None) -> tqdm:
+    """A progress bar of the bytes of `path` read by a pass (`progress` says what it does), on
+    a terminal, in the first process, once the pass has taken PROGRESS_DELAY seconds."""
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, delay=PROGRESS_DELAY,
+                desc=progress, leave=False,
+                disable=None if progress and env_rank() == 0 else True)  # None: a terminal's
+
+
+def utf8_pieces(path: Path, size: int | None = None, progress: str | None = None
+                ) -> Iterator[tuple[int, bytes]]:
     """(byte offset, bytes) of the file in pieces of about `size` (CHUNK_BYTES), each ending on a
-    character boundary (a multi-byte character cut by the read is carried into the next piece)."""
+    character boundary (a multi-byte character cut by the read is carried into the next piece).
+    `progress`: what the pass does, for a bar of bytes read on a terminal if it takes a while."""
     offset, carry = 0, b""
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _bytes_read(path, progress) as bar:
         while block := f.read(size or CHUNK_BYTES):
+            bar.update(len(block))
             block = carry + block
             cut = len(block)
             for back in range(1, min(4, len(block)) + 1):  # a UTF-8 character is <= 4 bytes
@@ -249,7 +264,7 @@ def code_points(piece: bytes, offset: int, path: Path) -> np.ndarray:
 def count_characters(path: Path) -> int:
     """The number of characters (where the splits fall), validating the UTF-8 on the way."""
     return sum(len(piece) if piece.isascii() else len(decode(piece, offset, path))
-               for offset, piece in utf8_pieces(path))
+               for offset, piece in utf8_pieces(path, progress=f"reading {path.name}"))
 
 
 def split_lengths(characters: int, val_fraction: float, test_fraction: float) -> list[int]:
@@ -261,11 +276,12 @@ def split_lengths(characters: int, val_fraction: float, test_fraction: float) ->
     return [characters - n_val - n_test, n_val, n_test]
 
 
-def split_texts(path: Path, lengths: list[int]) -> Iterator[tuple[int, str]]:
+def split_texts(path: Path, lengths: list[int], progress: str | None = None
+                ) -> Iterator[tuple[int, str]]:
     """The file's text in pieces, each tagged with its split (0 train, 1 val, 2 test)."""
     ends = list(itertools.accumulate(lengths))
     split = position = 0
-    for offset, piece in utf8_pieces(path):
+    for offset, piece in utf8_pieces(path, progress=progress):
         text = decode(piece, offset, path)
         start = 0
         while start < len(text):
