@@ -55,6 +55,22 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in messages[0], result.stderr
 
 
+class Terminal:
+    """stderr as tqdm sees a terminal: it draws its bars there."""
+
+    def __init__(self) -> None:
+        self.drawn: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.drawn.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run directories (those holding .hydra/) under root/outputs, oldest first."""
     return sorted(p.parent for p in (root / "outputs").rglob(".hydra") if p.parent.name != ".hydra")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import assert_clean_error, compose_train, run_cli
+from conftest import Terminal, assert_clean_error, compose_train, run_cli
 from trainer.errors import UserError
 from trainer.tasks.classification import per_class_table
 
@@ -31,6 +31,23 @@ def test_the_validation_split_gives_what_the_checkpoint_was_saved_with(finished_
     assert "val metrics match those best.pt was saved with" in caplog.text
     with pytest.raises(UserError, match="split='train' is not accepted: choose one of test, val"):
         evaluate_on(finished_run, split="train")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_long_evaluation_shows_its_progress_on_a_terminal(monkeypatch, progress):
+    from trainer.evaluation import evaluate_split
+    from trainer.loop import build
+
+    s = build(compose_train("debug=fast", f"trainer.progress={progress}"))
+    monkeypatch.setattr("trainer.logging.PROGRESS_DELAY", 0)  # as if it had run a while
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    evaluate_split(s, s.data.test)
+    drawn = "".join(terminal.drawn)
+    if progress:  # 359 images in batches of 16
+        assert "test split:" in drawn and "0/23 [" in drawn
+    else:
+        assert drawn == ""
 
 
 def recorded(run):

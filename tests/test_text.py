@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_train
+from conftest import Terminal, compose_train
 from trainer.data import token_cache, tokenize
 from trainer.data.text import text
 from trainer.errors import UserError
@@ -369,28 +369,12 @@ def test_generate_is_seeded_runs_past_the_context_and_stops_on_time():
     assert model.training  # as it was
 
 
-class Terminal:
-    """stderr as tqdm sees a terminal: it draws its bars there."""
-
-    def __init__(self) -> None:
-        self.drawn: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.drawn.append(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("tokenizer", ["char", "bpe"])
 def test_each_pass_over_a_text_shows_its_progress_on_a_terminal_only(text_file, monkeypatch,
                                                                      tokenizer):
     """A large corpus takes minutes to hash and tokenize: each pass says what it does and how far
     it is, once it has run PROGRESS_DELAY (here at once)."""
-    monkeypatch.setattr(tokenize, "PROGRESS_DELAY", 0)
+    monkeypatch.setattr("trainer.logging.PROGRESS_DELAY", 0)
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     text(str(text_file), block_size=8, tokenizer=tokenizer, vocab_size=300)
@@ -403,6 +387,6 @@ def test_each_pass_over_a_text_shows_its_progress_on_a_terminal_only(text_file, 
     (text_file.parent / "other.txt").write_text(text_file.read_text())
     piped = io.StringIO()
     monkeypatch.setattr("sys.stderr", piped)
-    monkeypatch.setattr(tokenize, "PROGRESS_DELAY", 0)
+    monkeypatch.setattr("trainer.logging.PROGRESS_DELAY", 0)
     text(str(text_file.parent / "other.txt"), block_size=8, tokenizer=tokenizer, vocab_size=300)
     assert piped.getvalue() == ""

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from trainer import checkpoint
 from trainer.data import Split, eval_batches
+from trainer.logging import progress_bar
 
 if TYPE_CHECKING:
     from trainer.loop import Setup
@@ -18,22 +19,28 @@ if TYPE_CHECKING:
 def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,
                    prefix: str = "test") -> dict[str, float]:
     """The task's metrics over a split (every sample once across ranks), as `prefix/name`."""
-    return _prefixed(s.task.metrics(summed_totals(s, split, max_batches)), prefix)
+    return _prefixed(s.task.metrics(summed_totals(s, split, max_batches, prefix)), prefix)
 
 
 @torch.no_grad()
-def summed_totals(s: Setup, split: Split, max_batches: int | None = None) -> dict[str, Any]:
-    """The task's eval_step totals over a split, every sample once, added up across ranks."""
+def summed_totals(s: Setup, split: Split, max_batches: int | None = None,
+                  name: str = "test") -> dict[str, Any]:
+    """The task's eval_step totals over a split, every sample once, added up across ranks; a
+    progress bar on a terminal when it takes a while (a large test split)."""
     s.model.eval()
     totals: dict[str, Tensor] = {}
     n = len(split)
     if max_batches:  # a cap on global batches, so every world size scores the same samples
         n = min(n, max_batches * s.data.batch_size * s.rt.world)
-    for batch in split.stream(eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world), 0):
-        with s.rt.autocast():
-            sums = s.task.eval_step(s.model, batch)
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + value.float()
+    batches = eval_batches(n, s.data.batch_size, s.rt.rank, s.rt.world)
+    shown = s.rt.is_main and s.cfg.trainer.get("progress", True)
+    with progress_bar(len(batches), "batch", f"{name} split", shown) as bar:
+        for batch in split.stream(batches, 0):
+            with s.rt.autocast():
+                sums = s.task.eval_step(s.model, batch)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value.float()
+            bar.update()
     s.model.train()
     return s.rt.sum_across_ranks(totals)
 
@@ -48,7 +55,7 @@ def test_checkpoint(s: Setup, path: Path, state: dict[str, Any] | None = None,
     state = state or checkpoint.load(path)
     with checkpoint.reported_as_mismatch(path):
         s.rt.load_model_state(s.model, state["model"])
-    totals = summed_totals(s, getattr(s.data, split), max_batches)
+    totals = summed_totals(s, getattr(s.data, split), max_batches, split)
     return (_prefixed(s.task.metrics(totals), split), state["metrics"],
             s.task.report(totals, s.data.spec))
 

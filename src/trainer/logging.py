@@ -12,11 +12,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from trainer.loop import Run
 
 log = logging.getLogger("trainer")
+PROGRESS_DELAY = 1.0  # seconds long work runs before its progress bar shows
+
+
+def progress_bar(total: int, unit: str, desc: str, shown: bool = True, **options: Any) -> tqdm:
+    """A bar for long work beside the training loop's (decoding, tokenizing, evaluating): drawn
+    on a terminal only, once the work has taken PROGRESS_DELAY, and gone when it is done."""
+    return tqdm(total=total, unit=unit, desc=desc, delay=PROGRESS_DELAY, leave=False,
+                disable=None if shown else True, **options)  # None: on a terminal
 
 
 class TensorBoardLogger:

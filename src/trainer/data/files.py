@@ -230,15 +230,13 @@ def on_device(images: Tensor, labels: Tensor, device: torch.device) -> Batch:
 def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor]:
     """Every image decoded once (in workers) into memory: uint8 images and their labels. A
     progress bar shows when it takes more than a second (tens of thousands of images)."""
-    from tqdm import tqdm
-
+    from trainer.logging import progress_bar
     from trainer.ranks import env_rank
 
     order = torch.arange(len(files)).split(256)
     batches = loader(files, [b.tolist() for b in order], workers, False)
     parts = []
-    with tqdm(total=len(files), unit="image", delay=1, desc="decoding into memory", leave=False,
-              disable=None if env_rank() == 0 else True) as bar:  # None: on a terminal
+    with progress_bar(len(files), "image", "decoding into memory", env_rank() == 0) as bar:
         for index, (images, labels) in zip(order, batches, strict=True):
             parts.append(bad.drop(files, images, labels, index)[:2])
             bar.update(len(index))

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trainer.errors import UserError, listed
+from trainer.logging import progress_bar
 from trainer.ranks import env_rank
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 16 << 20  # what one step of the first run reads; bounds its memory
 BPE_VOCAB = (256, 1 << 20)  # one token per byte at least; more ids than this is a mistake
 UNICODE = 0x110000
-PROGRESS_DELAY = 1.0  # seconds a pass over a text runs before its progress bar shows
 TOKENIZER_CHOICES = "char, bpe, or a path to a tokenizer.json file"
 
 
@@ -208,11 +208,10 @@ def file_sha256(path: Path) -> str:
 
 
 def _bytes_read(path: Path, progress: str | None) -> tqdm:
-    """A progress bar of the bytes of `path` read by a pass (`progress` says what it does), on
-    a terminal, in the first process, once the pass has taken PROGRESS_DELAY seconds."""
-    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, delay=PROGRESS_DELAY,
-                desc=progress, leave=False,
-                disable=None if progress and env_rank() == 0 else True)  # None: a terminal's
+    """A progress bar of the bytes of `path` read by a pass (`progress` says what it does), in
+    the first process."""
+    return progress_bar(path.stat().st_size, "B", progress or "", unit_scale=True,
+                        shown=bool(progress) and env_rank() == 0)
 
 
 def utf8_pieces(path: Path, size: int | None = None, progress: str | None = None
