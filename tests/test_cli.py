@@ -13,7 +13,7 @@ import termios
 import pytest
 import torch
 
-from conftest import MODELS, PYTHON, compose_train, run_cli, run_dirs
+from conftest import MODELS, PYTHON, assert_clean_error, compose_train, run_cli, run_dirs
 from trainer.loop import train
 
 
@@ -62,6 +62,30 @@ def test_help_lists_groups_and_options(tmp_path):
         assert line in result.stdout
     assert "data: cifar10, digits, fashion_mnist, hf, image_folder, mnist, shakespeare, text" \
         in result.stdout
+
+
+@pytest.mark.slow
+def test_a_folder_of_your_own_configs_adds_options(tmp_path):
+    """Hydra's --config-dir: a user's experiment and model options beside the bundled ones, in
+    training, in --help, and a missing folder refused in one line."""
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    (tmp_path / "mine" / "model").mkdir()
+    (tmp_path / "mine" / "experiment" / "quick.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: small_rnn\n"
+        "optimizer:\n  lr: 0.004\n")
+    (tmp_path / "mine" / "model" / "small_rnn.yaml").write_text(
+        "_target_: trainer.models.rnn.RNN\nwidth: 12\n")
+    result = run_cli("train", "--config-dir", "mine", "experiment=quick", "debug=fast",
+                     "logger=none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = run_dirs(tmp_path)
+    saved = (run / ".hydra" / "config.yaml").read_text()
+    assert "trainer.models.rnn.RNN" in saved and "lr: 0.004" in saved
+    shown = run_cli("train", "-cd", "mine", "--help", cwd=tmp_path).stdout
+    assert "model: autoencoder, cnn, gan, rnn, small_rnn, transformer" in shown
+    assert "experiment: airbench_cifar10" in shown and ", quick, " in shown
+    missing = run_cli("train", "--config-dir=nowhere", cwd=tmp_path)
+    assert_clean_error(missing, "error: --config-dir nowhere is not a folder")
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

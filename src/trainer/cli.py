@@ -179,7 +179,7 @@ def _join_external_group() -> None:
     from trainer.loop import train as run_training
 
     logging.basicConfig(level=logging.WARNING)
-    overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+    overrides, _ = _compose_overrides(sys.argv[1:])
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = _composed(lambda: compose("train", overrides=overrides), "train")
@@ -245,19 +245,38 @@ def _print_help(config_name: str, args: list[str]) -> None:
     options, and the config composed with the given overrides."""
     from hydra import compose, initialize_config_dir
 
+    overrides, user_dirs = _compose_overrides(args)
     with initialize_config_dir(config_dir=_config_dir(config_name), version_base="1.3"):
-        cfg = _composed(lambda: compose(config_name, overrides=[a for a in args
-                                                                if not a.startswith("-")],
+        cfg = _composed(lambda: compose(config_name, overrides=overrides,
                                         return_hydra_config=True), config_name)
-    groups = [p for p in sorted(Path(_config_dir(config_name)).iterdir())
-              if p.is_dir() and p.name not in ("hydra", "commands")]
-    listing = "".join(f"{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}\n"
-                      for group in groups)
+    options: dict[str, set[str]] = {}
+    for root in (Path(_config_dir(config_name)), *user_dirs):
+        for group in root.iterdir():
+            if group.is_dir() and group.name not in ("hydra", "commands"):
+                options.setdefault(group.name, set()).update(f.stem for f in group.glob("*.yaml"))
+    listing = "".join(f"{group}: {', '.join(sorted(options[group]))}\n"
+                      for group in sorted(options))
     template = cfg.hydra.help.template
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
     print(string.Template(template).substitute(APP_CONFIG_GROUPS=listing,
                                                CONFIG=OmegaConf.to_yaml(cfg)))
+
+
+def _compose_overrides(args: list[str]) -> tuple[list[str], list[Path]]:
+    """A command line as Hydra's compose API takes it: its overrides, with `--config-dir DIR`
+    (`-cd`; a folder of the user's own options, such as experiment/mine.yaml) as the search path
+    entry that Hydra's own parsing adds; and those folders."""
+    overrides, user_dirs, rest = [], [], iter(args)
+    for arg in rest:
+        if arg in ("--config-dir", "-cd") or arg.startswith("--config-dir="):
+            user_dirs.append(Path(arg.split("=", 1)[1] if "=" in arg else next(rest, ".")))
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    if user_dirs:
+        paths = ",".join(f"file://{folder.absolute()}" for folder in user_dirs)
+        overrides.append(f"hydra.searchpath=[{paths}]")
+    return overrides, user_dirs
 
 
 def train() -> None:
@@ -269,6 +288,10 @@ def train() -> None:
         _join_external_group()
     else:
         _check_output_folder(sys.argv[1:])
+        for folder in _compose_overrides(sys.argv[1:])[1]:
+            if not folder.is_dir():
+                _fail(UserError(f"--config-dir {folder} is not a folder: give the folder of your "
+                                "own config groups (such as experiment/NAME.yaml)"))
         _run_reporting_errors(lambda: check_sweeper_overrides(sys.argv[1:]))
         _composed(_train_main, "train")
 
