@@ -8,6 +8,12 @@ import pytest
 from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
 
 
+def slow(*row: list[str]) -> object:
+    """A row of the table for the whole suite only: its kind of mistake has rows in the fast tier
+    too, and each costs a process that imports torch (2 s)."""
+    return pytest.param(*row, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize(("args", "fragments"), [
     (["model=resnet"], ["error: model=resnet is not an option; choose one of autoencoder, cnn"]),
     (["data=imagenet"], ["data=imagenet is not an option", "digits", "shakespeare"]),
@@ -37,13 +43,13 @@ from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
     (["device.precision=64"], ["device.precision='64' is not accepted: choose one of auto, 32"]),
     (["data=mnist", "data.root=empty", "data.download=false"],
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
-    (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
+    slow(["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
     (["device=cpu", "device.sync_batchnorm=true"], ["device.sync_batchnorm=true needs CUDA"]),
     (["device.nodes=2"], ["device.nodes=2 needs device.rdzv_endpoint=HOST:PORT"]),
     (["scheduler=step", "scheduler.step_size=0"], ["scheduler.step_size=0 is out of range"]),
     (["model=transformer", "model.heads=0"], ["model.heads=0 is out of range"]),
-    (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
-                                                  "momentum"]),
+    slow(["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
+                                                      "momentum"]),
     # Refused before the data is read: the missing file is never looked for.
     (["model=gan", "data=text", "data.path=/no/such/file.txt"],
      ["error: model=gan cannot train on text data (data=text); it accepts image data: digits"]),
@@ -52,21 +58,22 @@ from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
     (["model.width=100000000000000"], ["error: out of memory: this machine could not allocate "
                                        "3.6 PB more; the model alone does not fit: make it "
                                        "smaller (its model.* sizes)"]),
-    (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
+    slow(["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
     (["model=transformer", "model.lora_rank=-1"], ["model.lora_rank=-1 is out of range: it must "
                                                    "be >= 0 (0: no adapters)"]),
     (["trainer.keep_best=-1"], ["trainer.keep_best=-1 is out of range: it must be >= 0"]),
-    (["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more than "
-                                        "the 1,258 training samples"]),
+    slow(["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more "
+                                            "than the 1,258 training samples"]),
     (["init_from=/no/such/run"], ["checkpoint /no/such/run/checkpoints/best.pt does not exist"]),
     (["trainer.profile=-1"], ["trainer.profile=-1 is out of range: it must be >= 0 (0 turns"]),
     (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
     (["model=gan", "trainer.class_weights=balanced"],
      ["trainer.class_weights=balanced applies to classification only", "set it to null"]),
-    (["model=gan", "trainer.label_smoothing=0.1"],
+    slow(["model=gan", "trainer.label_smoothing=0.1"],
      ["trainer.label_smoothing=0.1 applies to classification only"]),
     (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),
-    (["model.weights=DEFAULT"], ["model.weights=DEFAULT applies to a torchvision backbone only"]),
+    slow(["model.weights=DEFAULT"],
+         ["model.weights=DEFAULT applies to a torchvision backbone only"]),
     (["hparams_search=classification", "hydra.sweeper.n_trials=0"],
      ["hydra.sweeper.n_trials=0 is not accepted: it takes an integer >= 1"]),
     (["hparams_search=classification", "hydra.sweeper.direction=up"],

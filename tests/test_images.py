@@ -173,9 +173,12 @@ def test_a_folder_without_classes_trains_generative_models(tmp_path, image_folde
     ("no_classes", "model=cnn classifies images, but data=flat has no classes (unlabelled"),
     ("one_class", "model=cnn classifies images, but data=images has one class (bright): a "
                   "classifier needs two or more"),
-    ("no_images", "nothing' holds no images (accepted: .jpg"),
-    ("split_folders", "train/, val/ and test/ must hold the same class folders; test/ has dark, "
-                      "train/ has bright, dark"),
+    # The whole suite only: each costs a process that imports torch (2 s); the fast tier keeps
+    # the others.
+    pytest.param("no_images", "nothing' holds no images (accepted: .jpg",
+                 marks=pytest.mark.slow),
+    pytest.param("split_folders", "train/, val/ and test/ must hold the same class folders; "
+                 "test/ has dark, train/ has bright, dark", marks=pytest.mark.slow),
     ("empty_split", "too few images for a train/val/test split: 36 / 0 / 4 by "
                     "data.val_fraction=0.001 and data.test_fraction=0.1; each split needs an "
                     "image at least: add images or raise the fractions"),
