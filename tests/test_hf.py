@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_clean_error, compose_train, run_cli
+from conftest import Terminal, assert_clean_error, compose_train, run_cli
 from trainer.data.hf import hf
 from trainer.loop import train
 
@@ -90,6 +90,17 @@ def test_a_dataset_without_labels_trains_a_gan_and_no_classifier(tmp_path, image
     assert "test/d_loss" in train(compose_train(*common, "model=gan"), tmp_path / "gan")
     with pytest.raises(UserError, match="has no classes .unlabelled images.: a classifier"):
         train(compose_train(*common), tmp_path / "cnn")
+
+
+def test_writing_a_text_column_out_shows_its_progress_on_a_terminal(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    Dataset.from_dict({"line": [f"row {i}" for i in range(300)]}).to_json(tmp_path / "t.jsonl")
+    monkeypatch.setattr("trainer.logging.PROGRESS_DELAY", 0)  # as if it had run a while
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    hf(str(tmp_path / "t.jsonl"), block_size=8)
+    assert "writing line rows:" in "".join(terminal.drawn)
 
 
 def test_text_column_trains_a_language_model(tmp_path):

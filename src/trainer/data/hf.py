@@ -205,15 +205,21 @@ def _text(name: str, train: Any, present: dict[str, Any], column: str, block_siz
 
 def _write_rows(parts: list[Any], column: str, file: Path) -> list[int]:
     """Write every part's rows, one per line; return each part's length in characters."""
+    from trainer.logging import progress_bar
+    from trainer.ranks import env_rank
+
     sizes = []
     partial = file.with_name(file.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as out:
+    rows = sum(len(part) for part in parts)
+    with open(partial, "w", encoding="utf-8") as out, \
+            progress_bar(rows, "row", f"writing {column} rows", env_rank() == 0) as bar:
         for part in parts:
             size = 0
             for batch in part.iter(batch_size=1000):
                 chunk = "".join(f"{row}\n" for row in batch[column])
                 size += len(chunk)
                 out.write(chunk)
+                bar.update(len(batch[column]))
             sizes.append(size)
     partial.replace(file)
     return sizes
