@@ -88,6 +88,27 @@ def test_a_folder_of_your_own_configs_adds_options(tmp_path):
     assert_clean_error(missing, "error: --config-dir nowhere is not a folder")
 
 
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):
+    """Hydra names a run by the second it starts; a second run of that second (another job of a
+    script, another user) takes TIME_1, then TIME_2, rather than writing into the first's."""
+    from hydra.types import RunMode
+
+    from trainer import cli
+
+    monkeypatch.setattr(cli, "_claimed", {})
+    new = str(tmp_path / "outputs" / "2026-11-29" / "10-00-00")
+    assert cli._run_dir(None, new, RunMode.RUN) == new  # created: the first run's
+    monkeypatch.setattr(cli, "_claimed", {})  # another process, in the same second
+    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_1"
+    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_1"  # resolved again: the same
+    monkeypatch.setattr(cli, "_claimed", {})
+    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_2"
+    # A sweep claims nothing here (its jobs go under hydra.sweep.dir), resume=auto continues.
+    assert cli._run_dir(None, str(tmp_path / "x"), RunMode.MULTIRUN) == str(tmp_path / "x")
+    assert cli._run_dir("auto", new, RunMode.RUN) == new
+    assert not (tmp_path / "x").exists()
+
+
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = run_cli(PYTHON, "-m", "trainer", "model=rnn", "optimizer.lr=0.01", "--cfg", "job",
                      cwd=tmp_path)

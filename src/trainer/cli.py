@@ -59,10 +59,31 @@ def latest_run(outputs: Path = Path("outputs")) -> str:
     return str(max(found, key=lambda p: p.stat().st_mtime).parent.parent)
 
 
-def _run_dir(resume: str | None, new: str) -> str:
-    if resume in (None, "auto"):  # auto: continue in hydra.run.dir if it holds a checkpoint
+def _run_dir(resume: str | None, new: str, mode: Any = RunMode.RUN) -> str:
+    if resume is None:  # a sweep's jobs go under hydra.sweep.dir: nothing to claim here
+        return _unclaimed(new) if str(mode) in ("RUN", str(RunMode.RUN)) else new
+    if resume == "auto":  # auto: continue in hydra.run.dir if it holds a checkpoint
         return new
     return latest_run() if resume == "latest" else _existing_run(resume)
+
+
+_claimed: dict[str, str] = {}  # per process: Hydra resolves the run directory more than once
+
+
+def _unclaimed(new: str) -> str:
+    """`new` (outputs/DATE/TIME), or new_1, new_2, ... if a run started in the same second has
+    it: claimed by creating it, so two runs never share a directory."""
+    if new not in _claimed:
+        candidate, n = new, 0
+        while True:
+            try:
+                Path(candidate).mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{new}_{n}"
+        _claimed[new] = candidate
+    return _claimed[new]
 
 
 def _hydra_subdir(resume: str | None, run_dir: str) -> str:
