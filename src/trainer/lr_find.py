@@ -41,8 +41,9 @@ def find_lr(cfg: DictConfig, run_dir: Path, command: list[str]) -> dict[str, flo
     optimizer.lr with the train command (`command`, the user's overrides) that uses it."""
     model_class = get_class(cfg.model._target_)
     kind = configured_kind(cfg.data)  # known before the data is read, but for a Hugging Face set
-    if kind:
-        _check_one_loss(model_class, len(task_class(model_class, kind).stages))
+    task = task_class(model_class, kind) if kind else None
+    if task:
+        _check_one_loss(model_class, len(task.stages))
     s = build_fresh(cfg)
     run = prepare(s, run_dir)
     _check_one_loss(model_class, len(run.optimizers))
