@@ -59,14 +59,13 @@ def _listed_images(listing: Path) -> list[str]:
 def prepared(paths: list[str], shape: tuple[int, ...]) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Batches of (paths, uint8 images shaped as the model's training images), decoded in
     worker processes as training streams them; a progress bar on a terminal after a second."""
-    from tqdm import tqdm
-
     from trainer.data.images import default_workers
+    from trainer.logging import progress_bar
 
     files = ImageFiles(paths, [0] * len(paths), size=shape[1], channels=shape[0])
     order = torch.arange(len(paths)).split(BATCH)
     decoded = loader(files, [index.tolist() for index in order], default_workers(), False)
-    with tqdm(total=len(paths), unit="image", delay=1, leave=False, disable=None) as bar:
+    with progress_bar(len(paths), "image", "reading images") as bar:
         for index, (images, labels) in zip(order, decoded, strict=True):
             for i in index[labels < 0].tolist()[:1]:  # decoding failed in the worker
                 raise UserError(f"{paths[i]} is not a readable image "
