@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import MODELS, compose_train
 from trainer.errors import UserError
-from trainer.loop import build, train, train_step
+from trainer.loop import build, train
+from trainer.step import train_step
 
 DROPOUT_RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
                "trainer.val_every=4"]

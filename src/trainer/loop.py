@@ -1,9 +1,10 @@
 """The one training loop: build everything from the config, step, validate, checkpoint, test.
 
 Read `train` top to bottom: it is the whole recipe (build, prepare, restore, fit, finish), and
-`fit` the whole loop, each cadence decision a small named function; what a validation does, and
-the final test, are in validation.py. Per-family behaviour (losses, metrics, samples) lives in the
-task; everything here is the same for all five architectures.
+`fit` the whole loop, each cadence decision a small named function; one optimizer step is in
+step.py, what a validation does and the final test in validation.py. Per-family behaviour
+(losses, metrics, samples) lives in the task; everything here is the same for all five
+architectures.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
 from trainer.resume import Progress, restore, save
 from trainer.signals import Stopped, StopRequest
+from trainer.step import train_step
 from trainer.targets import call, instantiate
 from trainer.tasks import Task, task_for
 from trainer.validation import (
@@ -365,48 +367,3 @@ def _checkpoint_due(run: Run) -> bool:
     minutes = run.tc.checkpoint_minutes
     return bool(minutes) and run.s.rt.is_main and \
         time.monotonic() - run.saved_at >= 60 * minutes
-
-
-def train_step(task: Task, model: Any, optimizers: list[torch.optim.Optimizer],
-               scaler: torch.amp.GradScaler, micro_batches: list[tuple[Tensor, Tensor]],
-               rt: Runtime, grad_clip: float, skip_nonfinite: bool = False
-               ) -> tuple[dict[str, Tensor], bool]:
-    """One optimizer step per optimizer, each over all micro-batches, and whether a step was
-    skipped for a non-finite gradient norm. No host sync unless `skip_nonfinite` asks for one.
-    The train/ scalars include each optimizer's gradient norm before clipping, when computed."""
-    n = len(micro_batches)
-    logs: dict[str, list[Tensor]] = {"loss": []}  # "loss" sums every stage's loss
-    norms: dict[str, Tensor] = {}  # one per stage, not per micro-batch
-    skipped = False
-    for stage, optimizer in enumerate(optimizers):
-        for each in optimizers:  # an earlier stage leaves gradients on the other's parameters
-            each.zero_grad(set_to_none=True)
-        for i, batch in enumerate(micro_batches):
-            with rt.skip_grad_sync(model, i < n - 1):
-                with rt.autocast():
-                    loss, extra = task.training_step(model, batch, stage)
-                scaler.scale(loss if n == 1 else loss / n).backward()
-            for key, value in {"loss": loss, **extra}.items():
-                logs.setdefault(key, []).append(value.detach().float())
-        if grad_clip or skip_nonfinite:
-            scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            norm = nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
-            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-                norm = norm.full_tensor()
-            norms[f"{task.stages[stage]}grad_norm"] = norm.detach().float()
-            # The gradients are all-reduced, so every rank sees the same norm and skips alike.
-            if skip_nonfinite and not torch.isfinite(norm).item():  # host sync
-                skipped = True
-                continue
-        scaler.step(optimizer)
-    scaler.update()
-    means = {key: _mean_of_micro_batches(values, n) for key, values in logs.items()}
-    return {**means, **norms}, skipped
-
-
-def _mean_of_micro_batches(values: list[Tensor], n: int) -> Tensor:
-    """A train/ scalar of one step: summed over stages, averaged over micro-batches. Without
-    accumulation and with one stage, no arithmetic at all (each op costs the loop time)."""
-    total = values[0] if len(values) == 1 else torch.stack(values).sum()
-    return total if n == 1 else total / n
