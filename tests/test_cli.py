@@ -84,8 +84,9 @@ def test_a_folder_of_your_own_configs_adds_options(tmp_path):
     shown = run_cli("train", "-cd", "mine", "--help", cwd=tmp_path).stdout
     assert "model: autoencoder, cnn, gan, rnn, small_rnn, transformer" in shown
     assert "experiment: airbench_cifar10" in shown and ", quick, " in shown
-    missing = run_cli("train", "--config-dir=nowhere", cwd=tmp_path)
-    assert_clean_error(missing, "error: --config-dir nowhere is not a folder")
+    for command in (["--config-dir=nowhere"], ["-cd", "nowhere", "--help"]):
+        assert_clean_error(run_cli("train", *command, cwd=tmp_path),
+                           "error: --config-dir nowhere is not a folder")
 
 
 def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):

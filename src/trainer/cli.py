@@ -302,6 +302,10 @@ def _compose_overrides(args: list[str]) -> tuple[list[str], list[Path]]:
 
 def train() -> None:
     """Console script `train`."""
+    for folder in _compose_overrides(sys.argv[1:])[1]:
+        if not folder.is_dir():
+            _fail(UserError(f"--config-dir {folder} is not a folder: give the folder of your own "
+                            "config groups (such as experiment/NAME.yaml)"))
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         _print_help("train", sys.argv[1:])
         return
@@ -309,10 +313,6 @@ def train() -> None:
         _join_external_group()
     else:
         _check_output_folder(sys.argv[1:])
-        for folder in _compose_overrides(sys.argv[1:])[1]:
-            if not folder.is_dir():
-                _fail(UserError(f"--config-dir {folder} is not a folder: give the folder of your "
-                                "own config groups (such as experiment/NAME.yaml)"))
         _run_reporting_errors(lambda: check_sweeper_overrides(sys.argv[1:]))
         _composed(_train_main, "train")
 
