@@ -275,9 +275,10 @@ def _write_hf(path: Path, choice: Choice, lengths: list[int], folder: Path, out:
               ) -> tuple[HFTokenizer, list[int], type]:
     """bpe: train on the train split (and save it); then encode each split on its own."""
     if choice.kind == "bpe":
-        train = itertools.takewhile(lambda piece: piece[0] == 0, split_texts(
-            path, lengths, f"training {choice.kind} on {path.name}"))
+        texts = split_texts(path, lengths, f"training {choice.kind} on {path.name}")
+        train = itertools.takewhile(lambda piece: piece[0] == 0, texts)
         trained = train_bpe(line_batches(text for _, text in train), choice.vocab_size)
+        texts.close()  # the pass stops at the end of the train split: its file and bar close now
         _write_atomic(folder / "tokenizer.json", trained.to_str().encode())
         tokenizer = HFTokenizer(trained, "bpe")
     else:
