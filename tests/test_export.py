@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import MODELS, assert_clean_error, compose_train, run_cli
 from trainer.errors import UserError
+from trainer.export import INT8_AGREEMENT, INT8_TOLERANCE
 
 TEXT_MODELS = ("rnn", "transformer")
 
@@ -78,10 +79,17 @@ def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, fin
         "onnx_int8"]
     assert entry == json.loads(result.stdout.strip().splitlines()[-1])
     assert entry["bytes"] < 0.7 * entry["float_bytes"]
-    model, inputs = restored_model(finished_run)
+    # What the export promises, whatever this CPU's int8 kernels round: the file it kept makes
+    # PyTorch's top predictions on the inputs it was checked on at least INT8_AGREEMENT of the time.
+    assert entry["top1_agreement"] >= INT8_AGREEMENT
+    from trainer.use import restored_run
+
+    s = restored_run(export_cfg(finished_run))
+    module, inputs = s.task.served(s.model.eval(), s.data.test, entry["inputs_checked"])
+    inputs = inputs[torch.arange(entry["inputs_checked"]) % len(inputs)]
     with torch.no_grad():
-        expected = model(inputs).argmax(-1)
-    assert (onnx_outputs(path, inputs).argmax(-1) == expected).float().mean() >= 0.8
+        same = onnx_outputs(path, inputs).argmax(-1) == module(inputs).argmax(-1)
+    assert same.float().mean().item() == pytest.approx(entry["top1_agreement"])
 
 
 def test_an_int8_export_that_changes_predictions_is_refused_and_removed(finished_run,
@@ -123,8 +131,12 @@ def test_every_model_exports_to_every_format(trained, model):
         assert export_job(export_cfg(run, fmt))["max_abs_diff"] <= 1e-4
     int8 = export_job(export_cfg(run, "onnx_int8"))
     assert int8["bytes"] < int8["float_bytes"]  # every model has linear layers
-    # Scores must lead to the same predictions; images stay close (both checked by the export).
-    assert int8.get("top1_agreement", 1) >= 0.9 and int8["max_abs_diff"] <= 0.5
+    # The export's promise: scores keep their top predictions, images stay close. A score's
+    # size in int8 depends on the CPU's kernels and is no promise, so it is not checked.
+    if "top1_agreement" in int8:
+        assert int8["top1_agreement"] >= INT8_AGREEMENT
+    else:
+        assert int8["max_abs_diff"] <= INT8_TOLERANCE
     assert ("top1_agreement" in int8) == (model in ("cnn", "rnn", "transformer"))
     folder = run / "export"
     reference, inputs = restored_model(run)
