@@ -1,7 +1,10 @@
 """Training-step time of the convolutional models in each memory layout and precision, on this
 machine's CPU (or `--device cuda`): what device.channels_last=auto and device.precision=bf16 buy.
 
-    python scripts/benchmark_conv_layout.py [--device cpu] [--steps 12] [--json FILE]
+    python scripts/benchmark_conv_layout.py [--device cpu] [--steps 12] [--only NAME] [--json F]
+
+A CPU without bf16 instructions (AVX-512 BF16, AMX) can be imitated on one that has them:
+`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` keeps oneDNN and ATen to AVX2 kernels.
 
 Each case trains its own copy of the model (AdamW, batch 128, the preset's image size) for
 `steps` steps; the median step after two warm-up steps is reported, cases interleaved round by
@@ -50,12 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--only", default="", help="the models whose name holds this text")
     parser.add_argument("--json", help="also write the table to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     batches = {shape: torch.randn(128, *shape, device=device) for shape in (GREY, COLOUR)}
     labels = torch.randint(0, 10, (128,), device=device)
-    cases = list(itertools.product(MODELS, (False, True), ("32", "bf16")))
+    names = [name for name in MODELS if args.only in name]
+    cases = list(itertools.product(names, (False, True), ("32", "bf16")))
     runs = {}
     for name, channels_last, precision in cases:
         torch.manual_seed(0)

@@ -112,18 +112,30 @@ def test_misspelt_key_in_a_config_file_is_caught_against_the_constructor():
         validate(cfg)
 
 
-def test_precision_auto_is_bf16_on_modern_gpus_16_on_older_ones_and_32_on_the_cpu(monkeypatch):
+def test_precision_auto_is_bf16_where_the_hardware_has_it_else_16_or_32(monkeypatch, caplog):
     import torch
 
+    from trainer import distributed
     from trainer.distributed import resolve_precision
 
+    assert compose_train().device.precision == "auto"
     assert compose_train("device=cuda").device.precision == "auto"
-    assert resolve_precision("auto", torch.device("cpu")) == "32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "32")):  # whatever this CPU has
+        monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda native=native: native)
+        precision, why = resolve_precision("auto", cpu)
+        assert precision == expected and why.startswith("auto: this CPU has")
+    with caplog.at_level("WARNING", "trainer"):
+        assert resolve_precision("bf16", cpu) == ("bf16", "set")  # asked for: kept, but warned
+    assert "device.precision=bf16 on a CPU without bf16 instructions" in caplog.text
+    assert "slower than 32" in caplog.text
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    caplog.clear()
+    assert resolve_precision("bf16", cpu) == ("bf16", "set") and not caplog.text
     for native, expected in ((True, "bf16"), (False, "16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True,
                             native=native: native and not including_emulation)
-        assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+        assert resolve_precision("auto", torch.device("cuda", 0))[0] == expected
 
 
 def test_tf32_is_set_so_that_torch_compile_can_still_read_it():

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow  # each trains for a while: the full suite, not th
 
 
 def fit(tmp_path, *overrides):
-    return train(compose_train("trainer.progress=false", *overrides), tmp_path)
+    # float32 on every machine: a bf16 CPU would otherwise train these in bf16 (precision=auto)
+    return train(compose_train("trainer.progress=false", "device.precision=32", *overrides),
+                 tmp_path)
 
 
 def test_default_cnn_passes_97_percent(tmp_path):

@@ -211,3 +211,21 @@ def test_convolutional_models_train_channels_last_on_the_cpu_and_match_the_plain
     with pytest.raises(UserError, match="channels_last=true cannot be used with device.strategy"):
         train(compose_train(*common, "device.channels_last=true", "device.strategy=fsdp",
                             "device.count=2"), tmp_path / "bad")
+
+
+def test_a_long_run_says_how_long_it_will_take_after_its_first_steps(monkeypatch, caplog):
+    from trainer import logging as reporting
+
+    clock = iter([100.0, 105.0, 200.0, 200.5])  # 1 s a step, then 0.1 s a step
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("INFO", "trainer"):
+        long_run = reporting.TimeEstimate(start_step=0, total_steps=1006)
+        for step in range(1, 20):
+            long_run.step(step)
+        short_run = reporting.TimeEstimate(start_step=10, total_steps=600)  # resumed at 10
+        for step in range(11, 30):
+            short_run.step(step)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("time: ")]
+    # steps 2-6 took 5 s: 1,000 steps left at 1 s each; the second run's 59 s is not worth a line
+    assert lines == ["time: 1 s a step over steps 2-6, so about 17 min for the 1,000 steps left "
+                     "(validations add to it)"]

@@ -34,6 +34,7 @@ from trainer.errors import UserError
 from trainer.ranks import in_process_group
 from trainer.signals import STOPPED_EXIT, Stopped
 
+log = logging.getLogger("trainer")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -46,6 +47,7 @@ class Runtime:
     strategy: str = "ddp"
     sync_batchnorm: bool = False
     control: Any = None  # a gloo group for host-side agreements (any_rank)
+    precision_chosen: str = "set"  # why this precision: set in the config, or auto's reason
 
     def close(self) -> None:
         """Leave the process group once the run is done, so its gloo threads are joined before
@@ -210,14 +212,35 @@ def memory_format(setting: bool | str, rt: Runtime, model: nn.Module) -> torch.m
     return torch.channels_last if wanted else torch.contiguous_format
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """device.precision=auto: bf16 autocast on GPUs with bf16 tensor cores (Ampere and later),
-    16 (with a gradient scaler) on older GPUs, 32 elsewhere."""
+# One training step of the ResNet preset in bf16 against float32, on a CPU kept to AVX2 kernels
+# (no bf16 instructions; BENCHMARKS.md): what an explicit bf16 costs there.
+EMULATED_BF16_SLOWDOWN = "SLOWDOWN"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX, the instructions oneDNN runs bf16 matmuls and convolutions on; without
+    them autocast emulates bf16, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, since 2.3
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision to train in, and why: device.precision=auto is bf16 autocast on GPUs with
+    bf16 tensor cores (Ampere and later), 16 (with a gradient scaler) on older GPUs, bf16 on CPUs
+    with bf16 instructions, 32 elsewhere."""
     if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16"
+        if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("device.precision=bf16 on a CPU without bf16 instructions (AVX-512 BF16 "
+                        "or AMX): autocast emulates it, %s slower than 32 for the ResNet preset; "
+                        "device.precision=auto picks 32 here", EMULATED_BF16_SLOWDOWN)
+        return precision, "set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "auto: this GPU has bf16 tensor cores"
+        return "16", "auto: this GPU has no bf16 tensor cores"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16", "auto: this CPU has bf16 instructions"
+    return "32", f"auto: {'this CPU has no bf16 instructions' if device.type == 'cpu' else 'mps'}"
 
 
 def enable_tf32() -> None:
@@ -233,7 +256,7 @@ def runtime(device_cfg: DictConfig) -> Runtime:
     """This process's device and place in the group, joining the group when there is one."""
     options = {"strategy": device_cfg.strategy, "sync_batchnorm": device_cfg.sync_batchnorm}
     device = resolve_device(device_cfg.type, int(os.environ.get("LOCAL_RANK", "0")))
-    precision = resolve_precision(str(device_cfg.precision), device)
+    precision, chosen = resolve_precision(str(device_cfg.precision), device)
     if device.type == "cuda":
         enable_tf32()
     if device.type == "cuda" and device_cfg.count > torch.cuda.device_count():
@@ -243,13 +266,14 @@ def runtime(device_cfg: DictConfig) -> Runtime:
         raise UserError(f"device.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs "
                         f"only), and this run is on {device.type}: use device=cuda or drop it")
     if not in_process_group():
-        return Runtime(device, precision, **options)
+        return Runtime(device, precision, precision_chosen=chosen, **options)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=device_cfg.timeout_s))
-    return Runtime(device, precision, dist.get_rank(), dist.get_world_size(), **options)
+    return Runtime(device, precision, dist.get_rank(), dist.get_world_size(),
+                   precision_chosen=chosen, **options)
 
 
 def record_user_error(message: str) -> None:

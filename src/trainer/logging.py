@@ -157,6 +157,34 @@ class Throughput:
         return metrics
 
 
+class TimeEstimate:
+    """One line after the first few steps: the time the steps left take at the pace measured, so
+    that a run too long for this machine (a GPU preset on a CPU) says so at its start."""
+
+    WARMUP, TIMED = 1, 5  # the first step allocates (and compiles); the next ones are timed
+    WORTH_SAYING_S = 60.0
+
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.start, self.total, self.started_at = start_step, total_steps, 0.0
+
+    def step(self, step: int) -> None:
+        if step == self.start + self.WARMUP:
+            self.started_at = time.perf_counter()
+        elif step == self.start + self.WARMUP + self.TIMED:
+            per_step = (time.perf_counter() - self.started_at) / self.TIMED
+            left = (self.total - step) * per_step
+            if left >= self.WORTH_SAYING_S:
+                log.info("time: %.3g s a step over steps %d-%d, so about %s for the %s steps "
+                         "left (validations add to it)", per_step, step - self.TIMED + 1, step,
+                         duration(left), f"{self.total - step:,}")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -213,8 +241,9 @@ def announce(run: Run) -> None:
     log.info("model=%s: %s parameters%s%s | %s: %s", type(s.model).__name__.lower(),
              f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", _parts(s.model),
              spec.name, s.data.describe())
-    log.info("device=%s, %d process%s, precision %s%s", rt.device.type, rt.world,
+    log.info("device=%s, %d process%s, precision %s%s%s", rt.device.type, rt.world,
              "es" if rt.world > 1 else "", rt.precision,
+             f" ({rt.precision_chosen})" if rt.precision_chosen != "set" else "",
              ", compiled" if s.cfg.device.compile else "")
     if s.task.note:
         log.info(s.task.note)

@@ -32,7 +32,7 @@ from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError, out_of_memory_explained
 from trainer.init_from import encode_as_source, weights_from_source
-from trainer.logging import Loggers, Throughput, announce, build_loggers, shown
+from trainer.logging import Loggers, Throughput, TimeEstimate, announce, build_loggers, shown
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
@@ -249,6 +249,7 @@ def fit(run: Run, stop: StopRequest) -> None:
     monitor, mode = monitor_of(tc.monitor, s.task)
     flops = getattr(s.model, "flops_per_item", lambda: 0.0)()  # per image, or per text token
     meter = Throughput(s.task.unit, s.rt.device, flops, s.rt.world)
+    estimate = TimeEstimate(progress.step, run.total_steps)
     running: dict[str, list[Tensor]] = {}  # train/ scalars of each step since the last report
     batches: tuple[int, Iterator[Batch]] | None = None  # this epoch's, from progress.batch on
     # disable=None: only on a terminal; a redirected log (a cluster job's) keeps plain lines.
@@ -270,6 +271,8 @@ def fit(run: Run, stop: StopRequest) -> None:
             if skipped:
                 _count_skipped(run)
             bar.update()
+            if s.rt.is_main:
+                estimate.step(progress.step)
             profile_step()
             if progress.step % tc.log_every == 0 or progress.step == run.total_steps:
                 report(run, running, meter, bar)
