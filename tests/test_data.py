@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.data import eval_batches, seeded_permutation, split_indices, train_batches
 from trainer.data.images import digits, mnist
 from trainer.data.images import image_folder as load_image_folder
+from trainer.errors import UserError
 
 
 def test_two_ranks_split_every_global_batch_of_one_rank():
@@ -77,11 +79,26 @@ def test_mnist_gz_files_as_published_are_read_offline(mnist_root):
     """The four .gz files copied in by hand, and data.download=false: no network needed."""
     import gzip
 
-    for raw in (mnist_root / "MNIST" / "raw").iterdir():
+    unpacked = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
+    folder = mnist_root / "MNIST" / "raw"
+    for raw in folder.iterdir():
         (raw.parent / (raw.name + ".gz")).write_bytes(gzip.compress(raw.read_bytes()))
         raw.unlink()
+    published = sorted(folder.iterdir())
     data = mnist(root=str(mnist_root), download=False, val_fraction=0.25)
     assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(data, split).images, getattr(unpacked, split).images)
+        assert torch.equal(getattr(data, split).labels, getattr(unpacked, split).labels)
+    assert sorted(folder.iterdir()) == published  # read as they are: a read-only copy works
+
+
+def test_a_cut_short_mnist_file_is_named(mnist_root):
+    images = mnist_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-5])
+    with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte is cut short: 31,355 values "
+                                        r"where its header says 31,360"):
+        mnist(root=str(mnist_root), download=False)
 
 
 def test_overfit_batches_train_on_a_fixed_few_and_validate_on_them_unaugmented():

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
-import shutil
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +107,25 @@ def _torchvision(name: str, dataset_class: type, root: str, download: bool, expe
                  seed: int) -> DataModule:
     """An official train/test pair, held in memory as uint8; val is drawn from the training set
     by seed. `expected` names the files torchvision looks for in `root/folder`."""
-    _unpack_gzip(Path(root) / folder)
-    splits = {}
+    tensors = _idx_pair(Path(root) / folder) if folder.endswith("MNIST/raw") else None
+    if tensors is None:
+        tensors = _downloaded_pair(name, dataset_class, root, download, expected, folder)
+    (train_x, train_y), (test_x, test_y) = tensors[True], tensors[False]
+    order = split_indices(len(train_y), val_fraction, 0.0, seed)
+    n = len(train_y) + len(test_y)
+    images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
+    parts = [order[0], order[1], torch.arange(len(train_y), n)]
+    return _module(name, images, labels, parts, batch_size, dataset_class.classes, augment, seed)
+
+
+def _downloaded_pair(name: str, dataset_class: type, root: str, download: bool, expected: str,
+                     folder: str) -> dict[bool, tuple[Tensor, Tensor]]:
+    """The train (True) and test (False) images and labels through torchvision's class, which
+    downloads them when allowed."""
+    tensors = {}
     for train in (True, False):
         try:
-            splits[train] = dataset_class(root, train=train, download=download)
+            dataset = dataset_class(root, train=train, download=download)
         except (RuntimeError, OSError) as error:
             # torchvision raises RuntimeError for missing files, URLError (an OSError) offline.
             where = Path(root).resolve() / folder
@@ -119,27 +134,45 @@ def _torchvision(name: str, dataset_class: type, root: str, download: bool, expe
                 f"({str(error).splitlines()[0]}); put {expected} in {where} "
                 "or set data.root to the folder that holds them"
             ) from None
-    tensors = {}
-    for train, dataset in splits.items():
         data = torch.as_tensor(dataset.data)
         images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
         tensors[train] = (images.contiguous(), torch.as_tensor(dataset.targets).long())
-    (train_x, train_y), (test_x, test_y) = tensors[True], tensors[False]
-    order = split_indices(len(train_y), val_fraction, 0.0, seed)
-    n = len(train_y) + len(test_y)
-    images, labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
-    parts = [order[0], order[1], torch.arange(len(train_y), n)]
-    return _module(name, images, labels, parts, batch_size, dataset.classes, augment, seed)
+    return tensors
 
 
-def _unpack_gzip(folder: Path) -> None:
-    """torchvision reads MNIST's idx files unpacked; with download=false it would not unpack the
-    .gz files a user copied in (the form in which MNIST is published), so unpack them here."""
-    for packed in folder.glob("*.gz") if folder.is_dir() else []:
-        unpacked = packed.with_suffix("")
-        if not unpacked.exists():
-            with gzip.open(packed) as source, open(unpacked, "wb") as target:
-                shutil.copyfileobj(source, target)
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_pair(folder: Path) -> dict[bool, tuple[Tensor, Tensor]] | None:
+    """MNIST's and Fashion-MNIST's four idx files, read as they are, gzipped (as published and
+    copied in by hand) or not; None when one is missing. torchvision's classes read them only
+    unpacked and unpack them only when downloading; this writes nothing, so a read-only copy
+    works too."""
+    found = {}
+    for name in (n for pair in IDX_FILES.values() for n in pair):
+        path = next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+        if path is None:
+            return None
+        found[name] = path
+    return {train: (_read_idx(found[images]).unsqueeze(1), _read_idx(found[labels]).long())
+            for train, (images, labels) in IDX_FILES.items()}
+
+
+def _read_idx(path: Path) -> Tensor:
+    """An idx file of unsigned bytes: a 4-byte magic number whose last byte counts the
+    dimensions, each size as a big-endian int32, then the values."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        content = file.read()
+    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
+        raise UserError(f"{path} is not an idx file of unsigned bytes (MNIST's format)")
+    dims = content[3]
+    shape = struct.unpack(f">{dims}I", content[4:4 + 4 * dims])
+    values = torch.frombuffer(bytearray(content[4 + 4 * dims:]), dtype=torch.uint8)
+    if values.numel() != math.prod(shape):
+        raise UserError(f"{path} is cut short: {values.numel():,} values where its header says "
+                        f"{math.prod(shape):,}")
+    return values.reshape(shape)
 
 
 def mnist(root: str = "./data", download: bool = True, batch_size: int = 128,
