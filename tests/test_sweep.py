@@ -7,9 +7,10 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAILING_MODELS, run_cli
+from conftest import FAILING_MODELS, compose_train, run_cli
 from trainer.cli import CONFIG_DIR
 from trainer.sweep import summary_rows, write_record, write_summary
 
@@ -64,13 +65,34 @@ def test_summary_orders_accuracy_high_first_and_failures_last(tmp_path):
     assert [r["job"] for r in summary_rows(tmp_path, "val/acc")] == [2, 0, 1]
 
 
+def test_the_summary_ranks_jobs_of_one_task_together_never_a_gan_beside_a_classifier(tmp_path):
+    jobs = [(0, "model=cnn", 0.30), (1, "model=gan", 0.01), (2, "model=cnn", 0.20),
+            (3, "model=gan", 0.02)]
+    for job, model, loss in jobs:
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        OmegaConf.save(compose_train(model), tmp_path / str(job) / ".hydra" / "config.yaml")
+        write_record(tmp_path / str(job), {
+            "job": job, "overrides": model, "status": "completed", "seconds": 1.0,
+            "error": None, "metrics": {"val/loss": loss}})
+    rows = summary_rows(tmp_path, "val/loss")
+    assert [(r["job"], r["task"]) for r in rows] == [
+        (2, "classification"), (0, "classification"), (1, "adversarial"), (3, "adversarial")]
+    ranked, table = write_summary(tmp_path, "val/loss")
+    assert ranked == ("best first by val/loss within each task (classification, adversarial); "
+                      "jobs of different tasks are not ranked against each other")
+    assert table.splitlines()[0].split()[:3] == ["job", "task", "overrides"]
+    assert ranked in (tmp_path / "sweep_summary.md").read_text()
+
+
 def test_the_summary_names_shared_overrides_once_and_shortens_long_numbers(tmp_path):
     for job, lr in [(0, 0.004015543686135838), (1, 0.00024156772025296256)]:
         (tmp_path / str(job)).mkdir()
         write_record(tmp_path / str(job), {
             "job": job, "overrides": f"optimizer.lr={lr} debug=fast", "status": "completed",
             "seconds": 1.0, "error": None, "metrics": {"val/loss": lr}})
-    shared, table = write_summary(tmp_path, "val/loss").split("\n\n")
+    ranked, text = write_summary(tmp_path, "val/loss")
+    assert ranked == "best first by val/loss"
+    shared, table = text.split("\n\n")
     assert shared == "every job: debug=fast"
     assert [line.split()[:2] for line in table.splitlines()[1:]] == [
         ["1", "optimizer.lr=0.0002416"], ["0", "optimizer.lr=0.004016"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import UserError
 from trainer.tables import aligned
@@ -38,39 +38,78 @@ def higher_is_better(metric: str) -> bool:
 
 
 def summary_rows(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
-    """One row per job, completed jobs best first by `metric`, then the failed ones."""
-    records = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RECORD}")]
+    """One row per job, with its `task`: within each task (in the order of their first jobs),
+    completed jobs best first by `metric`, then the failed ones. Jobs of different tasks are not
+    ranked against each other: a GAN's val/loss and a classifier's measure different things."""
+    records = []
+    for path in sweep_dir.glob(f"*/{RECORD}"):
+        record = json.loads(path.read_text())
+        records.append({**record, "task": task_of(path.parent)})
     sign = -1 if higher_is_better(metric) else 1
+    first_job = {}
+    for record in sorted(records, key=lambda r: r["job"]):
+        first_job.setdefault(record["task"], record["job"])
 
-    def order(record: dict[str, Any]) -> tuple[int, float, int]:
+    def order(record: dict[str, Any]) -> tuple[int, int, float, int]:
         value = record["metrics"].get(metric, math.nan)
         missing = record["status"] != "completed" or math.isnan(value)
-        return (missing, 0.0 if missing else sign * value, record["job"])
+        return (first_job[record["task"]], missing, 0.0 if missing else sign * value,
+                record["job"])
 
     return sorted(records, key=order)
 
 
-def write_summary(sweep_dir: Path, metric: str) -> str:
+def task_of(job_dir: Path) -> str:
+    """A job's task (classification, language_model, adversarial, reconstruction), from the
+    model and data of its saved config; the model's name where the data decides (Hugging Face)."""
+    saved = job_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return "unknown"
+    from hydra.utils import get_object  # the tasks import torch: only once a sweep has ended
+
+    from trainer.data import configured_kind
+    from trainer.tasks import task_class
+
+    cfg = OmegaConf.load(saved)
+    model = get_object(cfg.model._target_)
+    kind = configured_kind(cfg.data)
+    task = task_class(model, kind) if kind else None
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", (task or model).__name__).lower()
+
+
+def write_summary(sweep_dir: Path, metric: str) -> tuple[str, str]:
     """Write sweep_summary.csv (every job's whole overrides) and .md into the sweep directory;
-    return the table as text. The .md and the text show what differs between jobs: the
+    return how it is ranked, in words, and the table as text. The .md and the text show what differs between jobs: the
     overrides every job shares are named once above the table, long numbers shortened."""
     rows = summary_rows(sweep_dir, metric)
     metrics = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (k != metric, k))
-    header = ["job", "overrides", "status", *metrics, "seconds", "error"]
-    table = [[str(r["job"]), r["overrides"], r["status"],
+    header = ["job", "task", "overrides", "status", *metrics, "seconds", "error"]
+    table = [[str(r["job"]), r["task"], r["overrides"], r["status"],
               *(_number(r["metrics"].get(k)) for k in metrics), f"{r['seconds']:.1f}",
               r.get("error") or ""] for r in rows]
     with open(sweep_dir / "sweep_summary.csv", "w", newline="") as file:
         csv.writer(file).writerows([header, *table])
     shared, differing = _split_overrides([r["overrides"] for r in rows])
     for row, overrides in zip(table, differing, strict=True):
-        row[1] = overrides
+        row[2] = overrides
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if len(tasks) == 1:  # all ranked together: no task column
+        header, table = [header[0], *header[2:]], [[row[0], *row[2:]] for row in table]
     every = f"every job: {shared}\n\n" if shared else ""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table]
+    ranked = ranking(metric, tasks)
     (sweep_dir / "sweep_summary.md").write_text(
-        f"Sweep {sweep_dir}, best first by {metric}\n\n{every}" + "\n".join(lines) + "\n")
-    return every + aligned([header, *table])
+        f"Sweep {sweep_dir}, {ranked}\n\n{every}" + "\n".join(lines) + "\n")
+    return ranked, every + aligned([header, *table])
+
+
+def ranking(metric: str, tasks: list[str]) -> str:
+    """How the table is ordered, in words."""
+    if len(tasks) == 1:
+        return f"best first by {metric}"
+    return (f"best first by {metric} within each task ({', '.join(tasks)}); jobs of different "
+            "tasks are not ranked against each other")
 
 
 def _split_overrides(overrides: list[str]) -> tuple[str, list[str]]:
@@ -126,5 +165,6 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         metric = config.get("optimized_metric") or "val/loss"
-        print(f"\nSweep summary, best first by {metric} ({sweep_dir}/sweep_summary.md):\n")
-        print(write_summary(sweep_dir, metric))
+        ranked, table = write_summary(sweep_dir, metric)
+        print(f"\nSweep summary, {ranked} ({sweep_dir}/sweep_summary.md):\n")
+        print(table)
