@@ -214,7 +214,7 @@ def memory_format(setting: bool | str, rt: Runtime, model: nn.Module) -> torch.m
 
 # One training step of the ResNet preset in bf16 against float32, on a CPU kept to AVX2 kernels
 # (no bf16 instructions; BENCHMARKS.md): what an explicit bf16 costs there.
-EMULATED_BF16_SLOWDOWN = "SLOWDOWN"
+EMULATED_BF16_SLOWDOWN = "3-4x"
 
 
 def cpu_has_native_bf16() -> bool:
