@@ -26,9 +26,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODELS = ["cnn", "rnn", "transformer", "gan", "autoencoder"]
-# The environment for a command that loads a model of tests/failing_model.py.
+# The environment for a command that loads a model of tests/failing_model.py, and trusts it
+# when it comes back from a saved run (only the project's own targets are trusted by default).
 FAILING_MODELS = {"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}"
-                                f"{os.environ.get('PYTHONPATH', '')}"}
+                                f"{os.environ.get('PYTHONPATH', '')}",
+                  "TRAINER_TRUSTED_TARGETS": "failing_model"}
 
 
 def compose_train(*overrides: str) -> DictConfig:
@@ -41,6 +43,37 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
     """Run a console script (`train`, `evaluate`, `tensorboard`) the way a user types it."""
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def run_in_process(command: str, *args: str, cwd: Path, env: dict | None = None
+                   ) -> subprocess.CompletedProcess:
+    """A console script called in this process, as `run_cli` runs it in a new one, for a test
+    that checks only its exit status and output: it saves the 2 s of a process importing torch.
+    Tests of what only a process shows (signals, exit codes of a launcher, a traceback
+    Python prints as it dies) use `run_cli`."""
+    import contextlib
+    import io
+
+    from trainer import cli
+
+    entry = {"train": cli.train, "evaluate": cli.evaluate, "predict": cli.predict,
+             "generate": cli.generate, "export-model": cli.export_model}[command]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_env = sys.argv, Path.cwd(), dict(os.environ)
+    sys.argv, status = [command, *args], 0
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry()
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()  # the command sets HYDRA_FULL_ERROR for itself
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([command, *args], status, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

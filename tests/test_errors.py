@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs
-
-
-def slow(*row: list[str]) -> object:
-    """A row of the table for the whole suite only: its kind of mistake has rows in the fast tier
-    too, and each costs a process that imports torch (2 s)."""
-    return pytest.param(*row, marks=pytest.mark.slow)
+from conftest import FAILING_MODELS, assert_clean_error, run_cli, run_dirs, run_in_process
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
@@ -43,12 +37,12 @@ def slow(*row: list[str]) -> object:
     (["device.precision=64"], ["device.precision='64' is not accepted: choose one of auto, 32"]),
     (["data=mnist", "data.root=empty", "data.download=false"],
      ["data=mnist: the files are not under", "train-images-idx3-ubyte.gz", "data.root"]),
-    slow(["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
+    (["data=cifar10", "data.root=empty", "data.download=false"], ["data=cifar10", "cifar-10"]),
     (["device=cpu", "device.sync_batchnorm=true"], ["device.sync_batchnorm=true needs CUDA"]),
     (["device.nodes=2"], ["device.nodes=2 needs device.rdzv_endpoint=HOST:PORT"]),
     (["scheduler=step", "scheduler.step_size=0"], ["scheduler.step_size=0 is out of range"]),
     (["model=transformer", "model.heads=0"], ["model.heads=0 is out of range"]),
-    slow(["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
+    (["optimizer=sgd", "optimizer.momentum=-1"], ["torch.optim.sgd.SGD cannot be built",
                                                       "momentum"]),
     # Refused before the data is read: the missing file is never looked for.
     (["model=gan", "data=text", "data.path=/no/such/file.txt"],
@@ -58,21 +52,21 @@ def slow(*row: list[str]) -> object:
     (["model.width=100000000000000"], ["error: out of memory: this machine could not allocate "
                                        "3.6 PB more; the model alone does not fit: make it "
                                        "smaller (its model.* sizes)"]),
-    slow(["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
+    (["model=transformer", "model.heads=3"], ["model.width=16 must be a multiple of"]),
     (["model=transformer", "model.lora_rank=-1"], ["model.lora_rank=-1 is out of range: it must "
                                                    "be >= 0 (0: no adapters)"]),
     (["trainer.keep_best=-1"], ["trainer.keep_best=-1 is out of range: it must be >= 0"]),
-    slow(["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more "
+    (["trainer.overfit_batches=1000"], ["trainer.overfit_batches=1000: 16,000 samples, more "
                                             "than the 1,258 training samples"]),
     (["init_from=/no/such/run"], ["checkpoint /no/such/run/checkpoints/best.pt does not exist"]),
     (["trainer.profile=-1"], ["trainer.profile=-1 is out of range: it must be >= 0 (0 turns"]),
     (["trainer.ema_decay=1.5"], ["trainer.ema_decay=1.5 is out of range: it must be in (0, 1)"]),
     (["model=gan", "trainer.class_weights=balanced"],
      ["trainer.class_weights=balanced applies to classification only", "set it to null"]),
-    slow(["model=gan", "trainer.label_smoothing=0.1"],
+    (["model=gan", "trainer.label_smoothing=0.1"],
      ["trainer.label_smoothing=0.1 applies to classification only"]),
     (["model.whiten=true"], ["model.whiten=true needs model.residual=true"]),
-    slow(["model.weights=DEFAULT"],
+    (["model.weights=DEFAULT"],
          ["model.weights=DEFAULT applies to a torchvision backbone only"]),
     (["hparams_search=classification", "hydra.sweeper.n_trials=0"],
      ["hydra.sweeper.n_trials=0 is not accepted: it takes an integer >= 1"]),
@@ -84,7 +78,22 @@ def slow(*row: list[str]) -> object:
      ["give the search space without the prefix, as model.depth=choice(1,2)"]),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
-    assert_clean_error(run_cli("train", "debug=fast", *args, cwd=tmp_path), *fragments)
+    assert_clean_error(run_in_process("train", "debug=fast", *args, cwd=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize("args", [["model=resnet"], ["optimizer.lr=-0.1"], ["model.depth=5"]])
+def test_the_train_command_itself_prints_one_line_for_bad_input(tmp_path, args):
+    """The table above runs in this process; a few rows as the user's own process runs them (a
+    mistake in composing, in checking and in building)."""
+    in_process = run_in_process("train", "debug=fast", *args, cwd=tmp_path)
+    by_itself = run_cli("train", "debug=fast", *args, cwd=tmp_path)
+    assert_clean_error(by_itself)
+    assert by_itself.returncode == in_process.returncode
+    assert error_lines(by_itself) == error_lines(in_process)
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
 
 
 def test_cnn_on_text_is_refused(tmp_path, text_file):
