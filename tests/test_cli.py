@@ -13,7 +13,15 @@ import termios
 import pytest
 import torch
 
-from conftest import MODELS, PYTHON, assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import (
+    MODELS,
+    PYTHON,
+    assert_clean_error,
+    compose_train,
+    run_cli,
+    run_dirs,
+    run_in_process,
+)
 from trainer.loop import train
 
 
@@ -85,7 +93,7 @@ def test_a_folder_of_your_own_configs_adds_options(tmp_path):
     assert "model: autoencoder, cnn, gan, rnn, small_rnn, transformer" in shown
     assert "experiment: airbench_cifar10" in shown and ", quick, " in shown
     for command in (["--config-dir=nowhere"], ["-cd", "nowhere", "--help"]):
-        assert_clean_error(run_cli("train", *command, cwd=tmp_path),
+        assert_clean_error(run_in_process("train", *command, cwd=tmp_path),
                            "error: --config-dir nowhere is not a folder")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import Terminal, assert_clean_error, compose_train, run_cli
+from conftest import Terminal, assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.errors import UserError
 from trainer.tasks.classification import per_class_table
 
@@ -129,8 +129,8 @@ def test_evaluate_on_another_text_in_the_run_vocabulary(tmp_path, text_file, tok
 
 @pytest.mark.slow
 def test_evaluate_data_errors(tmp_path, finished_run):
-    assert_clean_error(run_cli("evaluate", f"run_dir={finished_run}", "data.path=elsewhere",
-                               cwd=tmp_path),
+    assert_clean_error(run_in_process("evaluate", f"run_dir={finished_run}", "data.path=elsewhere",
+                                      cwd=tmp_path),
                        "data.path is not a key of this run's data (digits): its keys are")
     for source in ("mnist", 0, ""):  # a data source, or a value that is no source at all
         with pytest.raises(UserError, match=f"data={source}: evaluate keeps the run's data"):

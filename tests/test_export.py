@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODELS, assert_clean_error, compose_train, run_cli
+from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.errors import UserError
 from trainer.export import INT8_AGREEMENT, INT8_TOLERANCE
 
@@ -165,8 +165,8 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
     from trainer.loop import train
     from trainer.use import export_job
 
-    assert_clean_error(run_cli("export-model", f"run_dir={finished_run}", "format=tflite",
-                               cwd=tmp_path),
+    assert_clean_error(run_in_process("export-model", f"run_dir={finished_run}", "format=tflite",
+                                      cwd=tmp_path),
                        "format='tflite' is not an export format: use one of torch_export, onnx")
     with pytest.raises(UserError, match="count=2 is out of range: it must be >= 3"):
         export_job(export_cfg(finished_run, count=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli
+from conftest import assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.loop import train
 
 
@@ -52,7 +52,7 @@ def test_generate_needs_its_data_only_for_the_default_prompt(tmp_path):
     corpus.unlink()
     after = run_cli(*command, cwd=tmp_path)
     assert after.returncode == 0 and after.stdout == before.stdout, after.stderr
-    assert_clean_error(run_cli("generate", f"run_dir={run}", cwd=tmp_path),
+    assert_clean_error(run_in_process("generate", f"run_dir={run}", cwd=tmp_path),
                        "give prompt=TEXT: without one, generate starts from the run's "
                        "validation text, and its data cannot be read here", "is not a file")
 
@@ -67,17 +67,18 @@ def test_generate_needs_its_data_only_for_the_default_prompt(tmp_path):
 ])
 @pytest.mark.slow
 def test_bad_generate_input_is_one_clear_line(tmp_path, language_run, args, fragment):
-    assert_clean_error(run_cli("generate", f"run_dir={language_run}", *args, cwd=tmp_path),
+    assert_clean_error(run_in_process("generate", f"run_dir={language_run}", *args, cwd=tmp_path),
                        fragment)
 
 
 @pytest.mark.slow
 def test_generate_refuses_a_run_that_is_not_a_language_model(tmp_path, finished_run):
-    assert_clean_error(run_cli("generate", f"run_dir={finished_run}", cwd=tmp_path),
+    assert_clean_error(run_in_process("generate", f"run_dir={finished_run}", cwd=tmp_path),
                        "generate needs a language model")
 
 
 @pytest.mark.slow
 def test_predict_points_a_language_model_run_to_generate(tmp_path, language_run):
-    assert_clean_error(run_cli("predict", f"run_dir={language_run}", "inputs=x", cwd=tmp_path),
+    assert_clean_error(run_in_process("predict", f"run_dir={language_run}", "inputs=x",
+                                      cwd=tmp_path),
                        "is a language model: use generate")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import Terminal, assert_clean_error, compose_train, run_cli
+from conftest import Terminal, assert_clean_error, compose_train, run_in_process
 from trainer.data.hf import hf
 from trainer.loop import train
 
@@ -126,14 +126,14 @@ def test_text_column_trains_a_language_model(tmp_path):
     (["data.splits.train=everything"], "has no split 'everything'"),
 ])
 def test_bad_hf_options(tmp_path, image_parquet, args, fragment):
-    result = run_cli("train", "debug=fast", "data=hf", f"data.name={image_parquet}", *args,
-                     cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "data=hf", f"data.name={image_parquet}", *args,
+                            cwd=tmp_path)
     assert_clean_error(result, fragment)
 
 
 def test_a_missing_dataset_offline(tmp_path):
-    result = run_cli("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",
-                     cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    result = run_in_process("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",
+                            cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert_clean_error(result, "data.name='nobody/no-such-set' could not be loaded")
 
 
@@ -199,7 +199,7 @@ def test_balanced_class_weights_need_labels_a_stream_has_not_read_yet(streamable
 
 
 def test_streaming_needs_every_split(tmp_path, image_parquet):
-    result = run_cli("train", *STREAMING, f"data.name={image_parquet}", cwd=tmp_path)
+    result = run_in_process("train", *STREAMING, f"data.name={image_parquet}", cwd=tmp_path)
     assert_clean_error(result, "data.streaming=true cannot draw a val split out of a stream",
                        "data.splits.val")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, compose_train, run_cli
+from conftest import assert_clean_error, compose_train, run_in_process
 from trainer.data.files import FileImageSplit, decode
 from trainer.data.images import ImageSplit, digits
 from trainer.data.images import image_folder as load_image_folder
@@ -133,8 +133,8 @@ def test_photos_are_decoded_upright(tmp_path, suffix):
 @pytest.mark.parametrize("in_memory", [pytest.param("true", marks=pytest.mark.slow), "false"])
 def test_a_corrupt_image_is_named(tmp_path, image_folder, in_memory):
     (image_folder / "dark" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
-                     f"data.in_memory={in_memory}", "data.image_size=8", cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
+                            f"data.in_memory={in_memory}", "data.image_size=8", cwd=tmp_path)
     assert_clean_error(result, "broken.jpg cannot be read as an image",
                        "data.skip_bad_files=true")
 
@@ -204,8 +204,8 @@ def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
                 (path / part / label / "0.png").write_bytes((image_folder / label / "0.png")
                                                             .read_bytes())
     extra = ["data.val_fraction=0.001"] if layout == "empty_split" else []
-    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={path}", *extra,
-                     cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "data=image_folder", f"data.path={path}", *extra,
+                            cwd=tmp_path)
     assert_clean_error(result, fragment)
 
 
@@ -215,8 +215,8 @@ def test_folder_layout_errors(tmp_path, image_folder, layout, fragment):
     ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
 ])
 def test_bad_data_options(tmp_path, image_folder, key, fragment):
-    result = run_cli("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
-                     key, cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "data=image_folder", f"data.path={image_folder}",
+                            key, cwd=tmp_path)
     assert_clean_error(result, fragment)
 
 

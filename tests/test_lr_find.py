@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
 from trainer.lr_find import MAX_LR, MIN_LR, SKIP, find_lr, steepest
 
 
@@ -55,10 +55,10 @@ def test_the_command_prints_the_train_command_with_the_suggested_rate(tmp_path):
     (["device=cpu", "device.count=2"], "lr_find=true runs in one process: drop device.count=2"),
 ])
 def test_what_the_range_test_refuses(tmp_path, args, fragment):
-    assert_clean_error(run_cli("train", "lr_find=true", "debug=fast", *args, cwd=tmp_path),
+    assert_clean_error(run_in_process("train", "lr_find=true", "debug=fast", *args, cwd=tmp_path),
                        fragment)
 
 
 def test_a_run_is_not_resumed_into_a_range_test(tmp_path, finished_run):
-    result = run_cli("train", "lr_find=true", f"resume={finished_run}", cwd=tmp_path)
+    result = run_in_process("train", "lr_find=true", f"resume={finished_run}", cwd=tmp_path)
     assert_clean_error(result, "lr_find=true starts from fresh weights: drop resume=")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli
+from conftest import assert_clean_error, compose_train, run_cli, run_in_process
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_bad_predict_inputs_are_one_clear_line(tmp_path, finished_run, args, fra
     (tmp_path / "list.txt").write_text("notes.md\nmissing.png\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "labels.csv").write_text("an earlier file")
-    assert_clean_error(run_cli("predict", f"run_dir={finished_run}", *args, cwd=tmp_path),
+    assert_clean_error(run_in_process("predict", f"run_dir={finished_run}", *args, cwd=tmp_path),
                        fragment)
     assert (tmp_path / "labels.csv").read_text() == "an earlier file"
     assert not list(tmp_path.glob("*.partial"))
