@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import UserError
-from trainer.targets import SUPPLIED_BY_CODE, check_target_node
+from trainer.targets import SUPPLIED_BY_CODE, check_saved_target, check_target_node, target_nodes
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("ddp", "fsdp")
@@ -127,12 +129,76 @@ class ExportConfig(RunCommandConfig):
     count: int = MISSING
 
 
-def saved_config(saved: dict[str, Any]) -> DictConfig:
-    """A run's config as its checkpoint holds it, with the keys this trainer added since (such
-    as trainer.profile) at their defaults, so a run saved by an older trainer resumes and is
-    used as it was."""
-    defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
-    return OmegaConf.merge(defaults, saved)
+def saved_config(saved: Any, source: Path | str, trusted: Collection[str] = ()) -> DictConfig:
+    """A run's config as a checkpoint (`source`) holds it, checked before anything is built from
+    it, with the keys this trainer added since (such as trainer.profile) at their defaults, so a
+    run saved by an older trainer resumes and is used as it was.
+
+    What comes from a file is data, never code: plain values only (no tensor, no interpolation),
+    a `_target_` only where the schema has one, on the allow-list (targets.check_saved_target;
+    `trusted`: the targets this command's own config names), every key one its target or schema
+    takes and every value of its type. Else one UserError naming the key and the value."""
+    try:
+        if not isinstance(saved, dict):
+            raise UserError(f"it holds {type(saved).__name__}, not a mapping of config keys")
+        missing = [group for group in SUPPLIED_BY_CODE if group not in saved]
+        if missing:
+            raise UserError(f"{missing[0]} is missing: the run's config names what it builds")
+        _check_plain(saved, "", _build_roots(saved))
+        try:  # the schema types the top level, device and trainer
+            OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+        except OmegaConfBaseException as error:  # "Value 'x' of type 'str' could not be ..."
+            key = f"{error.full_key}: " if getattr(error, "full_key", None) else ""
+            raise UserError(f"{key}{str(error).splitlines()[0]}") from None
+        defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+        cfg = OmegaConf.merge(defaults, saved)
+        for group, where, node in target_nodes(cfg):
+            check_saved_target(node, group, where, trusted)
+    except UserError as error:
+        raise UserError(f"the config saved in {source} is refused, nothing was built: "
+                        f"{error}") from None
+    return cfg
+
+
+# The keys that make Hydra build something, allowed only at the root of a group that builds.
+BUILD_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_")
+
+
+def _build_roots(saved: Any) -> set[str]:
+    """Where a saved config may hold a `_target_`: each group that builds an object, and each of
+    several loggers."""
+    roots = set(SUPPLIED_BY_CODE)
+    logger = saved.get("logger") if isinstance(saved, dict) else None
+    if isinstance(logger, dict) and "_target_" not in logger:
+        roots |= {f"logger.{name}" for name in logger}
+    return roots
+
+
+def _check_plain(value: Any, key: str, roots: set[str]) -> None:
+    """Mappings with text keys, lists, text, numbers, booleans and nulls: what a config saved
+    with its interpolations resolved holds. Hydra's keys (`_target_`, `_args_`, ...) only at a
+    root, where the schema has them; text without `${`, which OmegaConf would resolve."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            where = f"{key}.{name}" if key else str(name)
+            if not isinstance(name, str):
+                raise UserError(f"{where}: a key {name!r} that is not text")
+            special = len(name) > 2 and name.startswith("_") and name.endswith("_")
+            if special and (name not in BUILD_KEYS or key not in roots):
+                raise UserError(f"{where}={item!r}: the run's config has no {name} there (a "
+                                "node that would build an object)")
+            if name == "_target_" and not isinstance(item, str):
+                raise UserError(f"{where}={item!r} has the wrong type: expected str")
+            _check_plain(item, where, roots)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{key}[{i}]", roots)
+    elif isinstance(value, str) and "${" in value:
+        raise UserError(f"{key}={value!r}: an interpolation, which a saved config never holds")
+    elif not isinstance(value, str | int | float | bool | None):
+        shown = f"a {type(value).__module__}.{type(value).__qualname__}"
+        raise UserError(f"{key or 'config'} holds {shown}, not a config value (text, a number, "
+                        "a list or a mapping)")
 
 
 def refuse_added_keys(cfg: DictConfig, where: str = "") -> None:
@@ -273,12 +339,8 @@ def validate(cfg: DictConfig) -> None:
     if all(isinstance(f, int | float) for f in held_out) and sum(held_out) >= 1:
         raise UserError(f"data.val_fraction={held_out[0]} + data.test_fraction={held_out[1]} "
                         "leave no training data: together they must be below 1")
-    for group in SUPPLIED_BY_CODE:
-        if group == "logger" and "_target_" not in cfg.logger:  # one node per chosen logger
-            for name, node in cfg.logger.items():
-                check_target_node(node, "logger", f"logger.{name}")
-        else:
-            check_target_node(cfg[group], group)
+    for group, where, node in target_nodes(cfg):  # one node per chosen logger
+        check_target_node(node, group, where)
     _check_pairing(cfg)
 
 

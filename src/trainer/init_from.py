@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from trainer.checkpoint import load, resume_path
+from trainer.config import saved_config
 from trainer.errors import UserError, listed
 from trainer.logging import shown
 from trainer.models.lora import ADAPTER, merged
@@ -33,7 +34,7 @@ def encode_as_source(cfg: DictConfig) -> None:
     and output layer fit rather than start fresh."""
     if cfg.data.get("tokenizer") != "char" or cfg.data.get("vocabulary", "") is not None:
         return  # another tokenizer, a vocabulary given, or data without the key
-    tokenizer = load(resume_path(cfg.init_from, "best")).get("data", {}).get("tokenizer") or {}
+    tokenizer = source_state(cfg.init_from)[1].get("data", {}).get("tokenizer") or {}
     if tokenizer.get("name") != "char":
         return
     chars = tokenizer["chars"]
@@ -82,8 +83,7 @@ def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
     """init_from=: into `model`, the weights of another run (its best.pt, or the checkpoint
     file given) whose names and shapes match; the rest keep their fresh initialisation (a head
     for other classes). Returns the names loaded and those left fresh."""
-    path = resume_path(source, "best")
-    state = load(path)
+    path, state = source_state(source)
     own = model.state_dict()
     weights = state["model"]
     saved_model = state["config"].get("model", {})
@@ -101,3 +101,13 @@ def load_matching(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
                         "options")
     model.load_state_dict(matched, strict=False)
     return list(matched), [name for name in own if name not in matched]
+
+
+def source_state(source: str, check_only: bool = False) -> tuple[Path, dict]:
+    """init_from's checkpoint and its state, its config checked as every saved config is: only
+    its weights, data spec and model sizes are used, but a run from elsewhere is data.
+    `check_only`: its tensors mapped rather than read, for a look before the run starts."""
+    path = resume_path(source, "best")
+    state = load(path, mmap=check_only)
+    saved_config(state["config"], path)
+    return path, state

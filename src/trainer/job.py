@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from trainer import run_lock
 from trainer.errors import UserError
 from trainer.signals import Stopped, StopRequest
 
@@ -32,8 +33,11 @@ def run_in_child(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
     A failure in the child, or the child killed, is a UserError."""
     with tempfile.TemporaryDirectory() as scratch:
         outcome = Path(scratch) / "outcome.json"
+        # The child shares this process's lock on run_dir: the run stays held while either lives.
+        lock = run_lock.descriptor(run_dir)
         child = subprocess.Popen([sys.executable, "-m", "trainer.job", str(run_dir),
-                                  str(outcome)], stdin=subprocess.PIPE, text=True)
+                                  str(outcome)], stdin=subprocess.PIPE, text=True,
+                                 pass_fds=() if lock is None else (lock,))
         assert child.stdin is not None
         child.stdin.write(json.dumps(config))
         child.stdin.close()

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import run_lock
 from trainer.config import absolute_paths, saved_config, validate
 from trainer.errors import UserError
 from trainer.ranks import env_rank, in_process_group
@@ -51,6 +52,9 @@ def sweep_job(cfg: DictConfig) -> Any:
             record = earlier
         else:
             record["metrics"] = train_job(cfg, isolated=True) or {}
+    except run_lock.RunHeld as held:  # another process trains this job: its files are left alone
+        print(f"error: job {record['job']}: {held}", file=sys.stderr)
+        return None
     except Stopped as stopped:
         report_stopped(stopped)
     except Exception as error:  # noqa: BLE001 - one job's failure must not end the sweep
@@ -69,9 +73,9 @@ def resumed_config(cfg: DictConfig, overrides: list[str], rerun: bool = False) -
     `rerun` (resume=auto): the command that started the run, run again, so its group choices are
     the run's own and are passed over rather than refused.
     """
-    from trainer.checkpoint import load, resume_path
+    from trainer.checkpoint import resume_path
 
-    saved = saved_config(load(resume_path(cfg.resume))["config"])
+    path, saved = checked_resume(cfg.resume, cfg)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra") or (rerun and key in GROUPS):
@@ -80,8 +84,22 @@ def resumed_config(cfg: DictConfig, overrides: list[str], rerun: bool = False) -
             raise UserError(f"{override}: a resumed run keeps its {key}; only keys such as "
                             "trainer.max_steps=N can change on resume")
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
-    saved.resume = cfg.resume
+    # A step copy taken for an unreadable last.pt: what restore() loads, and what is saved.
+    saved.resume = cfg.resume if path == resume_path(cfg.resume) else str(path)
     return saved
+
+
+def checked_resume(resume: str, own: DictConfig, check_only: bool = False
+                   ) -> tuple[Path, DictConfig]:
+    """The checkpoint to continue (checkpoint.resumable) and its config, checked: the targets
+    `own` (this command's composed config) names are trusted beside the allow-list."""
+    from trainer.checkpoint import resumable
+    from trainer.targets import target_nodes
+
+    path, state = resumable(resume, check_only)
+    trusted = {node.get("_target_") for _, _, node in target_nodes(own)
+               if isinstance(node, DictConfig)}
+    return path, saved_config(state["config"], path, trusted)
 
 
 def resume_source(resume: str | None, run_dir: Path) -> str | None:
@@ -100,7 +118,13 @@ def resume_source(resume: str | None, run_dir: Path) -> str | None:
 
 def train_job(cfg: DictConfig, isolated: bool = False) -> Any:
     """Train in this process, in device.count launched processes, or (`isolated`, a sweep job)
-    in one child process."""
+    in one child process, this process holding the run directory's lock meanwhile (one writer
+    per run: a second train of it is refused)."""
+    with run_lock.held(Path(HydraConfig.get().runtime.output_dir)):
+        return _train_job(cfg, isolated)
+
+
+def _train_job(cfg: DictConfig, isolated: bool) -> Any:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     rerun = cfg.resume == "auto"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from hydra.utils import get_object
@@ -54,6 +56,90 @@ def check_target_node(node: DictConfig, group: str, where: str | None = None) ->
                             f"{where}.{key}=...")
         if key in params:
             _check_type(f"{where}.{key}", node[key], params[key])
+
+
+# What a `_target_` read from a file (a checkpoint, a run directory) may name, by group: the
+# project's own builders and torch's optimizers and schedulers. A config typed on the command
+# line names what it likes; packages listed in TRAINER_TRUSTED_TARGETS (comma-separated, such
+# as a user's own models) are trusted from files too.
+SAVED_TARGETS = {
+    "model": ("trainer.models",),
+    "data": ("trainer.data",),
+    "optimizer": ("torch.optim",),
+    "scheduler": ("trainer.optim", "torch.optim.lr_scheduler"),
+    "logger": ("trainer.logging", "trainer.trackers"),
+}
+TRUSTED_ENV = "TRAINER_TRUSTED_TARGETS"
+
+
+def target_nodes(cfg: DictConfig) -> Iterator[tuple[str, str, DictConfig]]:
+    """(group, key, node) of each node of cfg that builds an object: model, data, optimizer,
+    scheduler, and the logger or each of several."""
+    for group in SUPPLIED_BY_CODE:
+        node = cfg.get(group)
+        if group == "logger" and isinstance(node, DictConfig) and "_target_" not in node:
+            for name, child in node.items():
+                yield group, f"logger.{name}", child
+        else:
+            yield group, group, node
+
+
+def check_saved_target(node: Any, group: str, where: str, trusted: Collection[str] = ()) -> None:
+    """A `_target_` node read from a file: its target on the allow-list (SAVED_TARGETS, or in
+    `trusted`, the targets the command's own config names) and of the group's kind, checked
+    before its module is imported; then its keys and types as check_target_node does, and every
+    key the target requires present."""
+    if not isinstance(node, DictConfig):
+        raise UserError(f"{where}={node!r} is not accepted: the run's {group} config is a "
+                        "mapping with a _target_")
+    name = node.get("_target_")
+    if name is None:
+        raise UserError(f"{where}._target_ is missing: the run's {group} config names what it "
+                        "builds")
+    own = isinstance(name, str) and (name in trusted or
+                                     _within(name, os.environ.get(TRUSTED_ENV, "").split(",")))
+    if not own and not (_within(name, SAVED_TARGETS[group]) and _buildable(name, group)):
+        accepted = ", ".join(f"{package}.*" for package in SAVED_TARGETS[group])
+        raise UserError(f"{where}._target_={name!r} is not accepted from a saved run: it may "
+                        f"build {accepted} (for targets of your own: {TRUSTED_ENV}=PACKAGE)")
+    check_target_node(node, group, where)
+    params = inspect.signature(get_object(name)).parameters.values()
+    for param in params:
+        required = param.default is inspect.Parameter.empty and param.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        if required and param.name not in SUPPLIED_BY_CODE[group] | {"self"} \
+                and param.name not in node:
+            raise UserError(f"{where}.{param.name} is missing: {name} requires it")
+
+
+def _within(name: Any, packages: Collection[str]) -> bool:
+    """`name` is one of `packages` or inside one, by a path of public names."""
+    if not isinstance(name, str) or any(part.startswith("_") for part in name.split(".")):
+        return False
+    return any(package and (name == package or name.startswith(package.rstrip(".") + "."))
+               for package in packages)
+
+
+def _buildable(name: str, group: str) -> bool:
+    """What `name` imports as is defined in the group's packages (not merely reached through
+    them, as trainer.models.cnn.torch.save would be) and builds what the group needs: a module,
+    an optimizer, a scheduler, or something taking the keys the code supplies."""
+    import torch
+
+    try:
+        target = get_object(name)
+    except Exception:  # noqa: BLE001 - Hydra wraps import failures of every kind
+        return False
+    if not _within(getattr(target, "__module__", None), SAVED_TARGETS[group]):
+        return False
+    kind = {"model": torch.nn.Module, "optimizer": torch.optim.Optimizer,
+            "scheduler": torch.optim.lr_scheduler.LRScheduler}.get(group)
+    if inspect.isclass(target) and kind is not None:
+        return issubclass(target, kind)
+    if group in ("model", "optimizer") or not (inspect.isclass(target) or
+                                               inspect.isfunction(target)):
+        return False
+    return SUPPLIED_BY_CODE[group] <= inspect.signature(target).parameters.keys()
 
 
 def _check_type(key: str, value: Any, param: inspect.Parameter) -> None:

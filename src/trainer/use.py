@@ -157,9 +157,11 @@ def _default_prompt(train_cfg: DictConfig) -> list[int]:
     return data.val.batch(torch.zeros(1, dtype=torch.long))[0][0, :16].tolist()
 
 
-def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
+def saved_run(cfg: DictConfig, check_only: bool = False
+              ) -> tuple[Path, dict[str, Any], DictConfig]:
     """The checkpoint cfg.run_dir/checkpoints/<cfg.checkpoint>.pt, its state, and the training
-    config saved in it, moved to cfg.device when one is given."""
+    config saved in it (checked: config.saved_config), moved to cfg.device when one is given.
+    `check_only`: its tensors mapped rather than read, for a look before the command runs."""
     from trainer import checkpoint
 
     path = Path(cfg.run_dir) / "checkpoints" / f"{cfg.checkpoint}.pt"
@@ -167,8 +169,8 @@ def saved_run(cfg: DictConfig) -> tuple[Path, dict[str, Any], DictConfig]:
         names = sorted(p.stem for p in path.parent.glob("*.pt"))
         raise UserError(f"checkpoint={cfg.checkpoint}: {path} does not exist; this run has "
                         f"{', '.join(names) or 'no checkpoints'}")
-    state = checkpoint.load(path)
-    train_cfg = saved_config(state["config"])
+    state = checkpoint.load(path, mmap=check_only)
+    train_cfg = saved_config(state["config"], path)
     if cfg.device and cfg.device not in DEVICE_TYPES:
         raise UserError(f"device={cfg.device!r} is not accepted: choose one of "
                         f"{', '.join(DEVICE_TYPES)} (null: the run's own)")
