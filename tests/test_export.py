@@ -165,6 +165,8 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
     from trainer.loop import train
     from trainer.use import export_job
 
+    monkeypatch.setenv("TRAINER_TRUSTED_TARGETS", "failing_model")  # its model comes back
+
     assert_clean_error(run_in_process("export-model", f"run_dir={finished_run}", "format=tflite",
                                       cwd=tmp_path),
                        "format='tflite' is not an export format: use one of torch_export, onnx")

@@ -108,7 +108,9 @@ def test_lora_fine_tunes_a_run_whose_weights_stay_as_they_were(tmp_path, languag
     merged = train(compose_train(*LM, f"data.path={reversed_text}", f"init_from={tmp_path}/lora",
                                  "trainer.max_steps=1", "trainer.val_every=1",
                                  "optimizer.lr=1e-12"), tmp_path / "merged")
-    assert merged["val/loss"] == pytest.approx(after["val/loss"], rel=1e-4)
+    # W + BA rounds otherwise than Wx + B(Ax) in float32, more or less with the CPU's kernels and
+    # threads (1.7e-4 of the loss seen); adapters lost in the merge would move it 0.3 or more.
+    assert merged["val/loss"] == pytest.approx(after["val/loss"], rel=1e-3)
 
 
 def test_weights_that_would_stay_frozen_and_random_are_refused(tmp_path, language_model):

@@ -79,8 +79,9 @@ def task_of(job_dir: Path) -> str:
 
 def write_summary(sweep_dir: Path, metric: str) -> tuple[str, str]:
     """Write sweep_summary.csv (every job's whole overrides) and .md into the sweep directory;
-    return how it is ranked, in words, and the table as text. The .md and the text show what differs between jobs: the
-    overrides every job shares are named once above the table, long numbers shortened."""
+    return how it is ranked, in words, and the table as text. The .md and the text show what
+    differs between jobs: the overrides every job shares are named once above the table, long
+    numbers shortened."""
     rows = summary_rows(sweep_dir, metric)
     metrics = sorted({k for r in rows for k in r["metrics"]}, key=lambda k: (k != metric, k))
     header = ["job", "task", "overrides", "status", *metrics, "seconds", "error"]
