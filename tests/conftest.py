@@ -50,7 +50,8 @@ def run_in_process(command: str, *args: str, cwd: Path, env: dict | None = None
     """A console script called in this process, as `run_cli` runs it in a new one, for a test
     that checks only its exit status and output: it saves the 2 s of a process importing torch.
     Tests of what only a process shows (signals, exit codes of a launcher, a traceback
-    Python prints as it dies) use `run_cli`."""
+    Python prints as it dies, settings a library reads from `env` when first imported) use
+    `run_cli`."""
     import contextlib
     import io
 

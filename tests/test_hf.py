@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import Terminal, assert_clean_error, compose_train, run_in_process
+from conftest import Terminal, assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.data.hf import hf
 from trainer.loop import train
 
@@ -132,8 +132,9 @@ def test_bad_hf_options(tmp_path, image_parquet, args, fragment):
 
 
 def test_a_missing_dataset_offline(tmp_path):
-    result = run_in_process("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",
-                            cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    # A process of its own: the Hugging Face libraries read their offline switches on import.
+    result = run_cli("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",
+                     cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert_clean_error(result, "data.name='nobody/no-such-set' could not be loaded")
 
 
