@@ -67,7 +67,7 @@ def test_a_run_is_used_from_another_folder_than_it_trained_in(tmp_path, text_fil
     result = run_cli("evaluate", f"run_dir={run}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == recorded(run)
-    sampled = run_cli("generate", f"run_dir={run}", "length=5", cwd=tmp_path)
+    sampled = run_in_process("generate", f"run_dir={run}", "length=5", cwd=tmp_path)
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
 
 
@@ -81,7 +81,7 @@ def test_evaluate_on_another_image_folder(tmp_path, image_folder):
     train(compose_train("debug=fast", "logger=none", "data=image_folder",
                         f"data.path={image_folder}", "data.image_size=8"), run)
     copy = shutil.copytree(image_folder, tmp_path / "copy")
-    result = run_cli("evaluate", f"run_dir={run}", f"data.path={copy}", cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={run}", f"data.path={copy}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == recorded(run)
 

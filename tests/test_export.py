@@ -68,7 +68,8 @@ def test_export_model_onnx_matches_pytorch_on_another_batch_size(tmp_path, finis
 def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, finished_run):
     import onnx
 
-    result = run_cli("export-model", f"run_dir={finished_run}", "format=onnx_int8", cwd=tmp_path)
+    result = run_in_process("export-model", f"run_dir={finished_run}", "format=onnx_int8",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "its top predictions match PyTorch's" in result.stderr
     assert "int8 weights, 0." in result.stderr  # a share of the float model's size

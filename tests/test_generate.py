@@ -22,11 +22,11 @@ def language_run(request, tmp_path_factory):
 
 def test_generate_continues_the_prompt_and_a_seed_repeats_it(tmp_path, language_run):
     command = ["generate", f"run_dir={language_run}", "prompt=ANNA says: the", "length=40"]
-    first = run_cli(*command, "seed=3", cwd=tmp_path)
+    first = run_in_process(*command, "seed=3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("ANNA says: the") and len(first.stdout) > 50
-    assert run_cli(*command, "seed=3", cwd=tmp_path).stdout == first.stdout
-    assert run_cli(*command, "seed=4", "top_k=3", cwd=tmp_path).stdout != first.stdout
+    assert run_in_process(*command, "seed=3", cwd=tmp_path).stdout == first.stdout
+    assert run_in_process(*command, "seed=4", "top_k=3", cwd=tmp_path).stdout != first.stdout
     assert "Traceback" not in first.stderr
 
 
@@ -48,9 +48,9 @@ def test_generate_needs_its_data_only_for_the_default_prompt(tmp_path):
                         f"data.path={corpus}", "data.tokenizer=bpe", "data.vocab_size=300",
                         "data.block_size=8"), run)
     command = ["generate", f"run_dir={run}", "prompt=BORIS says", "length=20", "seed=1"]
-    before = run_cli(*command, cwd=tmp_path)
+    before = run_in_process(*command, cwd=tmp_path)
     corpus.unlink()
-    after = run_cli(*command, cwd=tmp_path)
+    after = run_in_process(*command, cwd=tmp_path)
     assert after.returncode == 0 and after.stdout == before.stdout, after.stderr
     assert_clean_error(run_in_process("generate", f"run_dir={run}", cwd=tmp_path),
                        "give prompt=TEXT: without one, generate starts from the run's "

@@ -46,7 +46,7 @@ def test_predict_labels_the_test_images_as_the_test_metrics_say(tmp_path, finish
 @pytest.mark.slow
 def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
     image = next(test_images.glob("*.png"))
-    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={image}", cwd=tmp_path)
+    result = run_in_process("predict", f"run_dir={finished_run}", f"inputs={image}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [row] = list(csv.DictReader(io.StringIO(result.stdout)))
     assert row["path"] == str(image) and row["label"] in [str(d) for d in range(10)]
@@ -56,8 +56,8 @@ def test_predict_one_image_to_stdout(tmp_path, finished_run, test_images):
 def test_predict_reads_a_list_of_paths_relative_to_the_list(tmp_path, finished_run, test_images):
     names = sorted(p.relative_to(test_images) for p in test_images.rglob("*.png"))[:3]
     (test_images / "three.txt").write_text("".join(f"{name}\n" for name in names))
-    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={test_images / 'three.txt'}",
-                     cwd=tmp_path)
+    result = run_in_process("predict", f"run_dir={finished_run}",
+                            f"inputs={test_images / 'three.txt'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [row["path"] for row in rows] == [str(test_images / name) for name in names]
@@ -98,8 +98,8 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
     run = tmp_path / "run"
     train(compose_train("debug=fast", "logger=none", f"model={model}"), run)
     folder = tmp_path / "out"
-    result = run_cli("predict", f"run_dir={run}", f"inputs={test_images}", "count=5",
-                     f"outputs={folder}", cwd=tmp_path)
+    result = run_in_process("predict", f"run_dir={run}", f"inputs={test_images}", "count=5",
+                            f"outputs={folder}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     written = sorted(p.name for p in folder.glob("*.png"))
     expected = len(list(test_images.rglob("*.png"))) if model == "autoencoder" else 5
@@ -107,8 +107,8 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
     with Image.open(folder / next(n for n in written if n != "grid.png")) as image:
         assert image.size == (8, 8)  # the run's image size
     if model == "gan":  # seeded: the same samples again
-        again = run_cli("predict", f"run_dir={run}", "count=5", f"outputs={tmp_path / 'again'}",
-                        cwd=tmp_path)
+        again = run_in_process("predict", f"run_dir={run}", "count=5",
+                               f"outputs={tmp_path / 'again'}", cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         assert (tmp_path / "again" / "grid.png").read_bytes() == (folder / "grid.png").read_bytes()
 
@@ -123,10 +123,10 @@ def test_predict_needs_only_the_run_not_its_training_data(tmp_path, image_folder
     train(compose_train("debug=fast", "logger=none", "data=image_folder",
                         f"data.path={image_folder}", "data.image_size=8"), run)
     image = image_folder / "bright" / "0.png"
-    before = run_cli("predict", f"run_dir={run}", f"inputs={image}", cwd=tmp_path)
+    before = run_in_process("predict", f"run_dir={run}", f"inputs={image}", cwd=tmp_path)
     moved = image_folder.rename(tmp_path / "moved")
-    after = run_cli("predict", f"run_dir={run}", f"inputs={moved / 'bright' / '0.png'}",
-                    cwd=tmp_path)
+    after = run_in_process("predict", f"run_dir={run}", f"inputs={moved / 'bright' / '0.png'}",
+                           cwd=tmp_path)
     assert after.returncode == 0, after.stderr
     label_and_probability = [r.stdout.splitlines()[1].split(",")[1:] for r in (before, after)]
     assert label_and_probability[0] == label_and_probability[1]
