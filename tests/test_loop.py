@@ -76,6 +76,7 @@ def test_reduced_precision_trains(tmp_path, precision):
     assert metrics["test/acc"] > 0.8
 
 
+@pytest.mark.slow  # inductor compiles C++ for 10-20 s; compile-once below runs in the fast tier
 def test_compiled_model_trains(tmp_path):
     metrics = train(compose_train("debug=fast", "logger=none", "device.compile=true",
                                   "trainer.max_steps=30", "trainer.val_every=30"), tmp_path)
