@@ -341,15 +341,3 @@ def validate(cfg: DictConfig) -> None:
                         "leave no training data: together they must be below 1")
     for group, where, node in target_nodes(cfg):  # one node per chosen logger
         check_target_node(node, group, where)
-    _check_pairing(cfg)
-
-
-def _check_pairing(cfg: DictConfig) -> None:
-    """The model must train on the kind of data configured, which is known before it is read
-    (not for a Hugging Face set, whose columns decide: the task checks once it is read)."""
-    from trainer.data import configured_kind
-    from trainer.tasks import check_pairing
-
-    kind = configured_kind(cfg.data)
-    if kind:
-        check_pairing(cfg.model, kind, cfg.data._target_.rsplit(".", 1)[-1])

@@ -13,7 +13,7 @@ from trainer.data import Split, eval_batches
 from trainer.logging import progress_bar
 
 if TYPE_CHECKING:
-    from trainer.loop import Setup
+    from trainer.state import Setup
 
 
 def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,

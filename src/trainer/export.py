@@ -35,7 +35,7 @@ from torch.export import Dim
 
 from trainer.data import DataSpec
 from trainer.errors import UserError
-from trainer.loop import Setup
+from trainer.state import Setup
 from trainer.targets import instantiate
 
 log = logging.getLogger("trainer")

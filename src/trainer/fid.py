@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from trainer.errors import UserError
+from trainer.tasks.classification import Classification
 
 BATCH = 256
 
@@ -36,14 +36,11 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 
 
 @torch.no_grad()
-def gan_fid(s: Any, features_run: str, split: str = "test", seed: int = 0) -> float:
-    """FID of the GAN in Setup `s` against the images of its `split`, with `features_run`'s
-    classifier: as many seeded samples as the split has images."""
-    from trainer.tasks.classification import Classification
-    from trainer.use import restored_model
-
-    classifier = restored_model(OmegaConf.create({"run_dir": features_run, "checkpoint": "best",
-                                                  "device": str(s.rt.device)}))
+def gan_fid(s: Any, classifier: Any, features_run: str, split: str = "test",
+            seed: int = 0) -> float:
+    """FID of the GAN in Setup `s` against the images of its `split`, in the feature space of
+    `classifier` (the restored run `features_run`): as many seeded samples as the split has
+    images."""
     if classifier.spec.in_shape != s.data.spec.in_shape or \
             not isinstance(classifier.task, Classification):
         raise UserError(f"fid_features={features_run} is not a classifier of "

@@ -65,7 +65,7 @@ def run_in_child(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     """The child: train, and write the outcome."""
-    from trainer.launch import log_to_run_dir
+    from trainer.logging import log_to_run_dir
     from trainer.loop import train
 
     run_dir, outcome = sys.argv[1:3]

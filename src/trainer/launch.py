@@ -136,7 +136,10 @@ def _train_job(cfg: DictConfig, isolated: bool) -> Any:
             if isinstance(logger, DictConfig) and "name" in logger and not logger.name:
                 logger.name = hydra_cfg.job.override_dirname.replace("/", "_") or "defaults"
     absolute_paths(cfg)
+    from trainer.tasks import check_configured_pairing  # torch: only once a run is to start
+
     validate(cfg)  # once, here, before any process, child or worker starts
+    check_configured_pairing(cfg)  # before the data is read: a mismatch costs no tokenizing
     if cfg.lr_find:
         return _find_lr(cfg, run_dir, list(hydra_cfg.overrides.task))
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
@@ -186,18 +189,10 @@ def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
     return result
 
 
-def log_to_run_dir(run_dir: str, main: bool) -> None:
-    """Logging in a process started without Hydra: rank 0 also writes the run's train.log."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if main:
-        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-
-
 def worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
     from trainer.distributed import record_user_error
+    from trainer.logging import log_to_run_dir  # torch: only in a process that trains
     from trainer.loop import train as run_training
 
     main = env_rank() == 0

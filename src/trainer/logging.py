@@ -1,21 +1,20 @@
-"""Where a run reports: TensorBoard (rank 0 only), sample files beside it, throughput meters, and
-the summary a run logs before its first step."""
+"""Where a run reports: TensorBoard (rank 0 only), sample files beside it, throughput meters,
+progress bars and the run's log file. A leaf: it takes plain values (steps, scalars, paths, a
+config), never the loop's state."""
 
 from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
-
-if TYPE_CHECKING:
-    from trainer.loop import Run
 
 log = logging.getLogger("trainer")
 PROGRESS_DELAY = 1.0  # seconds long work runs before its progress bar shows
@@ -225,44 +224,16 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def announce(run: Run) -> None:
-    """Three lines before the first step: where and for how long, what trains on what, on which
-    device."""
-    s, rt, tc, spec = run.s, run.s.rt, run.tc, run.s.data.spec
-    per_step = s.data.batch_size * rt.world * tc.accumulate
-    batch = f"{per_step} images" if spec.kind == "image" else \
-        f"{per_step} x {spec.block_size} tokens"
-    log.info("run %s: %s steps of %s, %s per epoch%s", shown(run.run_dir),
-             f"{run.total_steps:,}", batch, f"{run.steps_per_epoch:,}",
-             f", continuing from step {run.progress.step:,}" if run.progress.step else "")
-    weights = list(s.model.parameters())
-    total = sum(w.numel() for w in weights)
-    frozen = total - sum(w.numel() for w in weights if w.requires_grad)
-    log.info("model=%s: %s parameters%s%s | %s: %s", type(s.model).__name__.lower(),
-             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", _parts(s.model),
-             spec.name, s.data.describe())
-    log.info("device=%s, %d process%s, precision %s%s%s", rt.device.type, rt.world,
-             "es" if rt.world > 1 else "", rt.precision,
-             f" ({rt.precision_chosen})" if rt.precision_chosen != "set" else "",
-             ", compiled" if s.cfg.device.compile else "")
-    if s.task.note:
-        log.info(s.task.note)
-    if tc.overfit_batches:
-        log.info("trainer.overfit_batches=%d: training and validating on the same %s samples, "
-                 "which a sound model fits (the test metrics mean little)",
-                 tc.overfit_batches, f"{len(s.data.train):,}")
-
-
-def _parts(model: torch.nn.Module) -> str:
-    """Where the parameters are: each top-level part's count, as Lightning's model summary."""
-    counts = [(name, sum(w.numel() for w in part.parameters()))
-              for name, part in model.named_children()]
-    counts = [(name, count) for name, count in counts if count]
-    return f" in {', '.join(f'{name} {count:,}' for name, count in counts)}" \
-        if len(counts) > 1 else ""
-
-
 def shown(path: Path) -> Path:
     """`path` as a user would type it here: relative to the working directory when inside it."""
     path = path.resolve()
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def log_to_run_dir(run_dir: str, main: bool) -> None:
+    """Logging in a process started without Hydra: rank 0 also writes the run's train.log."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if main:
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

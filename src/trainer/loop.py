@@ -14,10 +14,8 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,15 +30,16 @@ from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError, out_of_memory_explained
 from trainer.init_from import encode_as_source, weights_from_source
-from trainer.logging import Loggers, Throughput, TimeEstimate, announce, build_loggers, shown
+from trainer.logging import Throughput, TimeEstimate, build_loggers, shown
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
 from trainer.profiling import profiled
-from trainer.resume import Progress, restore, save
+from trainer.resume import restore, save
 from trainer.signals import Stopped, StopRequest
+from trainer.state import Run, Setup
 from trainer.step import train_step
 from trainer.targets import call, instantiate
-from trainer.tasks import Task, task_for
+from trainer.tasks import Task, check_configured_pairing, task_for
 from trainer.validation import (
     check_finite,
     finish,
@@ -53,20 +52,10 @@ from trainer.validation import (
 log = logging.getLogger("trainer")
 
 
-@dataclass
-class Setup:
-    """Everything built from a config: what `train` and `evaluate` share."""
-
-    cfg: DictConfig
-    rt: Runtime
-    data: DataModule
-    task: Task
-    model: nn.Module
-
-
 def build(cfg: DictConfig, data: DataModule | None = None) -> Setup:
     """Everything for cfg; `data`, when given, instead of the data cfg.data describes."""
     validate(cfg)
+    check_configured_pairing(cfg)
     rt = runtime(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -92,48 +81,6 @@ def build_model(cfg: DictConfig, spec: DataSpec, rt: Runtime) -> tuple[Task, nn.
         model = model.to(rt.device,
                          memory_format=memory_format(cfg.device.channels_last, rt, model))
     return task, model
-
-
-@dataclass
-class Run:
-    """What a training run holds while it goes: what `fit` steps, `save` writes, `restore` fills."""
-
-    s: Setup
-    run_dir: Path
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[Any]
-    scaler: torch.amp.GradScaler
-    step_model: Any  # what the training step calls: the model, wrapped for DDP and compile
-    average: WeightAverage | None  # trainer.ema_decay: the weights validation measures
-    tc: SimpleNamespace  # cfg.trainer as plain attributes: a config lookup costs microseconds
-    steps_per_epoch: int
-    total_steps: int
-    progress: Progress = field(default_factory=Progress)
-    logger: Any = field(default_factory=Loggers)
-    saved_at: float = field(default_factory=time.monotonic)  # when last.pt was last written
-    started_at: float = field(default_factory=time.monotonic)  # when this process's part began
-    earlier_seconds: float = 0.0  # the time a resumed run had trained before (its checkpoint's)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def measured(self) -> nn.Module:
-        """What validation measures and the checkpoints hand on as their model."""
-        return self.average.model if self.average else self.s.model
-
-    @property
-    def seconds(self) -> float:
-        """Wall time the run has trained, over every process that continued it."""
-        return self.earlier_seconds + time.monotonic() - self.started_at
-
-    @property
-    def epochs_per_validation(self) -> int:
-        """Without val_every, validate every epoch, or every few when the run has more epochs
-        than trainer.max_validations (tiny epochs: each validation would cost more than them)."""
-        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        return max(1, math.ceil(epochs / (self.tc.max_validations or epochs)))
 
 
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, float]:
@@ -370,3 +317,40 @@ def _checkpoint_due(run: Run) -> bool:
     minutes = run.tc.checkpoint_minutes
     return bool(minutes) and run.s.rt.is_main and \
         time.monotonic() - run.saved_at >= 60 * minutes
+
+
+def announce(run: Run) -> None:
+    """Three lines before the first step: where and for how long, what trains on what, on which
+    device."""
+    s, rt, tc, spec = run.s, run.s.rt, run.tc, run.s.data.spec
+    per_step = s.data.batch_size * rt.world * tc.accumulate
+    batch = f"{per_step} images" if spec.kind == "image" else \
+        f"{per_step} x {spec.block_size} tokens"
+    log.info("run %s: %s steps of %s, %s per epoch%s", shown(run.run_dir),
+             f"{run.total_steps:,}", batch, f"{run.steps_per_epoch:,}",
+             f", continuing from step {run.progress.step:,}" if run.progress.step else "")
+    weights = list(s.model.parameters())
+    total = sum(w.numel() for w in weights)
+    frozen = total - sum(w.numel() for w in weights if w.requires_grad)
+    log.info("model=%s: %s parameters%s%s | %s: %s", type(s.model).__name__.lower(),
+             f"{total:,}", f" ({frozen:,} frozen)" if frozen else "", _parts(s.model),
+             spec.name, s.data.describe())
+    log.info("device=%s, %d process%s, precision %s%s%s", rt.device.type, rt.world,
+             "es" if rt.world > 1 else "", rt.precision,
+             f" ({rt.precision_chosen})" if rt.precision_chosen != "set" else "",
+             ", compiled" if s.cfg.device.compile else "")
+    if s.task.note:
+        log.info(s.task.note)
+    if tc.overfit_batches:
+        log.info("trainer.overfit_batches=%d: training and validating on the same %s samples, "
+                 "which a sound model fits (the test metrics mean little)",
+                 tc.overfit_batches, f"{len(s.data.train):,}")
+
+
+def _parts(model: torch.nn.Module) -> str:
+    """Where the parameters are: each top-level part's count, as Lightning's model summary."""
+    counts = [(name, sum(w.numel() for w in part.parameters()))
+              for name, part in model.named_children()]
+    counts = [(name, count) for name, count in counts if count]
+    return f" in {', '.join(f'{name} {count:,}' for name, count in counts)}" \
+        if len(counts) > 1 else ""

@@ -6,34 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from trainer import checkpoint
 from trainer.data import spec_record
 from trainer.optim import flat, regrouped
-
-if TYPE_CHECKING:
-    from trainer.loop import Run
+from trainer.state import Progress, Run
 
 log = logging.getLogger("trainer")
-
-
-@dataclass
-class Progress:
-    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch: int = 0  # micro-batches of this epoch already consumed
-    best: float | None = None  # best value of the monitored metric so far
-    stale: int = 0  # validations since it last improved by more than min_delta
-    counted: float | None = None  # the value of that improvement (None: the best, runs before it)
-    skipped: int = 0  # steps skipped for a non-finite gradient (trainer.skip_nonfinite)
-    kept_best: list[list[float]] = field(default_factory=list)  # [value, step] of best-step-*.pt
 
 
 def save(run: Run, name: str, metrics: dict[str, float]) -> None:

@@ -66,7 +66,9 @@ def _fid(s: Any, features_run: str, split: str) -> float:
 
     if not isinstance(s.task, Adversarial):
         raise UserError("fid_features scores a GAN's samples: this run is not a GAN")
-    return gan_fid(s, check_run(features_run), split)
+    classifier = restored_model(OmegaConf.create({
+        "run_dir": check_run(features_run), "checkpoint": "best", "device": str(s.rt.device)}))
+    return gan_fid(s, classifier, features_run, split)
 
 
 def _other_data(cfg: DictConfig, state: dict[str, Any], train_cfg: DictConfig
@@ -324,7 +326,7 @@ def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     or, where that cannot be read here, random inputs of its shape."""
     from trainer.data import DataModule
     from trainer.export import RandomInputs
-    from trainer.loop import Setup
+    from trainer.state import Setup
     from trainer.targets import instantiate
 
     run = _adapters_merged(restored_model(cfg))

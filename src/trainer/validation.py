@@ -16,11 +16,12 @@ from trainer import checkpoint
 from trainer.errors import UserError
 from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import hparams_of, shown
-from trainer.resume import Progress, keep_best, save
+from trainer.resume import keep_best, save
+from trainer.state import Progress
 from trainer.sweep import higher_is_better
 
 if TYPE_CHECKING:
-    from trainer.loop import Run
+    from trainer.state import Run
     from trainer.tasks import Task
 
 log = logging.getLogger("trainer")

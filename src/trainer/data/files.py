@@ -1,5 +1,6 @@
-"""Encoded images (files on disk, or rows of a Hugging Face dataset): finding them, decoding them
-in DataLoader workers, streaming batches.
+"""Image splits: encoded images (files on disk, or rows of a Hugging Face dataset) found, decoded
+in DataLoader workers and streamed (`FileImageSplit`), and images decoded once and held in
+memory as uint8 (`ImageSplit`), which images.py and hf.py build their data modules from.
 
 Nothing proportional to the number of images is held but the file list, and that as one numpy
 byte array rather than a list of Python strings: forked workers touch a Python object's
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from trainer.data import Batch
 from trainer.data.transforms import Augment, to_unit_range
 from trainer.errors import UserError
+from trainer.logging import progress_bar
+from trainer.ranks import env_rank
 
 log = logging.getLogger("trainer")
 
@@ -230,9 +233,6 @@ def on_device(images: Tensor, labels: Tensor, device: torch.device) -> Batch:
 def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor]:
     """Every image decoded once (in workers) into memory: uint8 images and their labels. A
     progress bar shows when it takes more than a second (tens of thousands of images)."""
-    from trainer.logging import progress_bar
-    from trainer.ranks import env_rank
-
     order = torch.arange(len(files)).split(256)
     batches = loader(files, [b.tolist() for b in order], workers, False)
     parts = []
@@ -241,6 +241,32 @@ def decode_all(files: ImageSource, workers: int, bad: BadFiles) -> tuple[Tensor,
             parts.append(bad.drop(files, images, labels, index)[:2])
             bar.update(len(index))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@dataclass
+class ImageSplit:
+    """Images held in memory as uint8 (N, C, H, W) with integer labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    augment: Augment | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: Tensor) -> Batch:
+        index = index.to(self.images.device)
+        return to_unit_range(self.images[index]), self.labels[index]
+
+    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
+        if isinstance(batches, Tensor):
+            batches = batches.to(self.images.device)  # one copy for the epoch, not one a step
+        for index in batches:
+            images, labels = self.batch(index)
+            yield (self.augment(images, index, epoch) if self.augment else images), labels
+
+    def to(self, device: torch.device) -> ImageSplit:
+        return ImageSplit(self.images.to(device), self.labels.to(device), self.augment)
 
 
 @dataclass
@@ -266,8 +292,6 @@ class FileImageSplit:
         """These images decoded into memory once, as an ImageSplit: the few batches of
         trainer.overfit_batches, trained on epoch after epoch, then cost no decoding (and no
         worker start-up) an epoch."""
-        from trainer.data.images import ImageSplit  # images.py builds on this module
-
         images, labels = decode_all(self.files.subset(index.tolist()), self.workers, self.bad)
         return ImageSplit(images, labels, self.augment).to(self.device)
 

@@ -12,55 +12,29 @@ import importlib.util
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainer.data import Batch, DataModule, DataSpec, split_indices
+from trainer.data import DataModule, DataSpec, split_indices
 from trainer.data.files import (
     BadFiles,
     FileImageSplit,
     ImageFiles,
     ImageSource,
+    ImageSplit,
     decode_all,
     list_images,
 )
-from trainer.data.transforms import Augment, make_augment, to_unit_range
+from trainer.data.transforms import make_augment
 from trainer.errors import UserError
 
 # `in_memory: auto` holds a set in memory when its decoded uint8 pixels take at most this much.
 KIND = "image"  # every source here (data.configured_kind)
 IN_MEMORY_LIMIT = 512 * 2**20
-
-
-@dataclass
-class ImageSplit:
-    """Images held in memory as uint8 (N, C, H, W) with integer labels (N,)."""
-
-    images: Tensor
-    labels: Tensor
-    augment: Augment | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, index: Tensor) -> Batch:
-        index = index.to(self.images.device)
-        return to_unit_range(self.images[index]), self.labels[index]
-
-    def stream(self, batches: Sequence[Tensor], epoch: int) -> Iterator[Batch]:
-        if isinstance(batches, Tensor):
-            batches = batches.to(self.images.device)  # one copy for the epoch, not one a step
-        for index in batches:
-            images, labels = self.batch(index)
-            yield (self.augment(images, index, epoch) if self.augment else images), labels
-
-    def to(self, device: torch.device) -> ImageSplit:
-        return ImageSplit(self.images.to(device), self.labels.to(device), self.augment)
 
 
 def _module(name: str, images: Tensor, labels: Tensor, parts: list[Tensor], batch_size: int,

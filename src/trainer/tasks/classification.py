@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from trainer.data import DataSpec, Split
 from trainer.errors import UserError
 from trainer.tables import aligned
-from trainer.tasks import Task, as_count, mean_of
+from trainer.tasks.base import Task, as_count, mean_of
 
 # Above this many classes no confusion matrix is summed (its size grows as the square).
 MAX_CONFUSION_CLASSES = 1000

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from trainer.data import DataSpec, Split
-from trainer.tasks import Task, as_count, mean_of
+from trainer.tasks.base import Task, as_count, mean_of
 
 
 class LanguageModel(Task):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from trainer.data import DataSpec, Split
 from trainer.models.autoencoder import kl_divergence
-from trainer.tasks import Task, as_count, mean_of
+from trainer.tasks.base import Task, as_count, mean_of
 
 
 class Reconstruction(Task):
