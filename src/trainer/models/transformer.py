@@ -35,7 +35,7 @@ class Transformer(nn.Module):
     them). Positions are a learned table, or with `rotary` rotations of the queries and keys
     (RoPE). Weights start as `init` says: `torch`, PyTorch's own (nn.MultiheadAttention's for
     the attention), or `gpt2`: normal(0, 0.02), the projections into the residual stream scaled
-    by 1/sqrt(2 * depth), biases zero. At baby_gpt's size the first learns faster (README).
+    by 1/sqrt(2 * depth), biases zero. At baby_gpt's size the first learns faster (docs/models.md).
 
     With `activation_checkpointing`, training keeps only each block's input for the backward
     pass and runs the block again there (torch.utils.checkpoint): activation memory that grows
