@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -74,52 +76,70 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(tmp_path, one, t
     # The ranks' confusion matrices add up to the one process's.
     per_class = [(run / "samples" / "per_class.txt").read_text() for run in (one, two)]
     assert per_class[0] == per_class[1] and "most often taken for" in per_class[0]
-    accumulated = train_ok(tmp_path / "accumulated", *EXACT, "data.batch_size=4",
-                           "trainer.accumulate=2", "device.count=2")
-    assert_close(metrics(accumulated), metrics(one))
     # Only rank 0 wrote: one run directory, one TensorBoard event file.
     assert len(run_dirs(two.parents[2])) == 1
     assert len(list((two / "tensorboard").glob("events.*"))) == 1
 
 
-def test_external_torchrun_joins_instead_of_launching(tmp_path, two):
+def test_external_torchrun_joins_and_accumulates_the_same_global_batch(tmp_path, one):
+    """Under torchrun, two ranks of two micro-batches of 4 each reproduce one process at 16
+    (the loop is the same in launched and joined processes: one run covers both)."""
     result = run_cli("torchrun", "--standalone", "--nproc-per-node=2", "-m", "trainer", *EXACT,
-                     "data.batch_size=8", cwd=tmp_path)
+                     "data.batch_size=4", "trainer.accumulate=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)  # one for the command, none per rank
-    assert_close(metrics(run), metrics(two))
+    assert_close(metrics(run), metrics(one))
+
+
+def crashed(tmp_path: Path, how: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A two-process run whose rank 1 fails (`how`, tests/failing_model.py) in its third step,
+    after last.pt of step 2: the group stops, and the command fails, well within the timeout."""
+    start = time.monotonic()
+    result = run_cli("train", *args, "device.count=2", "trainer.checkpoint_every=2",
+                     "model._target_=failing_model.CrashingCNN", cwd=tmp_path, timeout=120,
+                     env={**FAILING_MODELS, "CRASH": f"rank1:{how}"})
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    [run] = run_dirs(tmp_path)
+    return result, run
 
 
 # The CNN trains in two processes in the tests above as well.
-@pytest.mark.parametrize("how", ["raise", "raise_abort", "kill", "oom"])
-def test_a_failing_or_killed_rank_stops_the_group_and_the_run_resumes(tmp_path, how):
-    start = time.monotonic()
-    args = ["train", "debug=fast", "device=cpu", "device.count=2", "trainer.checkpoint_every=2",
-            "model._target_=failing_model.CrashingCNN"]
-    path = FAILING_MODELS
-    result = run_cli(*args, cwd=tmp_path, timeout=120, env={**path, "CRASH": f"rank1:{how}"})
-    assert result.returncode != 0
-    assert time.monotonic() - start < 60
-    [run] = run_dirs(tmp_path)  # rank 1 died in its third step, after last.pt of step 2
-    if how == "kill":
-        assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL",
-                           f"resume from its last checkpoint with: train resume={run}")
-    elif how == "oom":  # a user error on one rank alone: its one line, and no other
+@pytest.mark.parametrize("how", ["raise", "raise_abort", "oom"])
+def test_a_failing_rank_stops_the_group_and_says_how_to_resume(tmp_path, how):
+    result, run = crashed(tmp_path, how, "debug=fast", "device=cpu")
+    if how == "oom":  # a user error on one rank alone: its one line, and no other
         assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more",
                            "lower data.batch_size=16", "resume from its last checkpoint with: "
                            f"train resume={run}")
-    else:  # a crash in the model's code: its traceback, then the line naming the rank
-        assert "RuntimeError: deliberate failure" in result.stderr
-        # Named by its error, even when the process then aborts as it exits (seen under load).
-        assert ("error: training process rank 1 failed: RuntimeError: deliberate failure "
-                "(printed above)") in result.stderr
-        assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
-    if how != "kill":
         return
-    resumed = run_cli("train", f"resume={run}", cwd=tmp_path, env=path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    # A crash in the model's code: its traceback, then the line naming the rank, even when the
+    # process then aborts as it exits (seen under load).
+    assert "RuntimeError: deliberate failure" in result.stderr
+    assert ("error: training process rank 1 failed: RuntimeError: deliberate failure "
+            "(printed above)") in result.stderr
+    assert f"resume from its last checkpoint with: train resume={run}" in result.stderr
+
+
+def test_a_killed_rank_stops_the_group_and_its_checkpoints_move_between_world_sizes(tmp_path,
+                                                                                   one):
+    """Two processes to step 2 (rank 1 killed in step 3), resumed in one to step 4, then in two
+    to step 6: the same as one process never stopping. The crashing CNN is the CNN until it
+    crashes, and resumed without CRASH it does not."""
+    result, run = crashed(tmp_path, "kill", *EXACT, "data.batch_size=8")
+    assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL",
+                       f"resume from its last checkpoint with: train resume={run}")
+    per_rank = {1: "data.batch_size=16", 2: "data.batch_size=8"}
+    for world, steps in ((1, 4), (2, 6)):
+        result = run_cli("train", f"resume={run}", f"trainer.max_steps={steps}", per_rank[world],
+                         f"device.count={world}", cwd=tmp_path, env=FAILING_MODELS)
+        assert result.returncode == 0, result.stderr
+        if world == 1:
+            assert "resumed from" in result.stdout and "at step 2" in result.stdout
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert state["progress"]["step"] == steps and state["config"]["device"]["count"] == world
     assert (run / "metrics.json").is_file()
+    assert_same_weights(run, one)
 
 
 def test_a_user_error_in_the_processes_is_one_line(tmp_path):
@@ -128,19 +148,6 @@ def test_a_user_error_in_the_processes_is_one_line(tmp_path):
                      "optimizer.lr=1e12", "trainer.grad_clip=0", cwd=tmp_path)
     assert_clean_error(result, "training diverged", "optimizer.lr")
     assert "training process rank" not in result.stderr
-
-
-def test_checkpoints_move_between_world_sizes(tmp_path, one):
-    """Two processes to step 2, one to step 4, two to step 6: the same as never stopping."""
-    per_rank = {1: "data.batch_size=16", 2: "data.batch_size=8"}
-    run = train_ok(tmp_path, *EXACT, per_rank[2], "device.count=2", "trainer.max_steps=2")
-    for world, steps in ((1, 4), (2, 6)):
-        result = run_cli("train", f"resume={run}", f"trainer.max_steps={steps}", per_rank[world],
-                         f"device.count={world}", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-        assert state["progress"]["step"] == steps and state["config"]["device"]["count"] == world
-    assert_same_weights(run, one)
 
 
 def test_srun_task_numbers_become_torch_ranks(monkeypatch):
@@ -154,7 +161,6 @@ def test_srun_task_numbers_become_torch_ranks(monkeypatch):
 def test_two_nodes_through_a_rendezvous_endpoint_make_one_run(tmp_path, one):
     """Two launchers on this machine stand in for two nodes (one process each)."""
     import socket
-    import subprocess
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -180,21 +186,26 @@ def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
             "device.strategy=fsdp", "model.activation_checkpointing=true"]
     one = tmp_path / "one"
     train(compose_train(*EXACT, "model=transformer", "data.batch_size=16"), one)
-    whole = train_ok(tmp_path / "whole", *args)
+    # It also keeps its sharded checkpoint of step 4, to resume below.
+    whole = train_ok(tmp_path / "whole", *args, "trainer.checkpoint_every=4", "trainer.keep_last=2")
     # Float sums in another order move the last digits; Adam can enlarge them a little.
     for key, value in metrics(one).items():
         assert metrics(whole)[key] == pytest.approx(value, rel=1e-4), key
     # The gradient norm is the whole model's, gathered from the shards.
     assert scalars(whole, "train/grad_norm") == pytest.approx(scalars(one, "train/grad_norm"),
                                                               rel=1e-4)
-    # Stopped at step 4 and resumed sharded: the same weights as never stopping.
-    split = train_ok(tmp_path / "split", *args, "trainer.max_steps=4")
-    result = run_cli("train", f"resume={split}", "trainer.max_steps=6", cwd=tmp_path / "split")
-    assert result.returncode == 0, result.stderr
-    assert_same_weights(split, whole)
     # The checkpoint holds the whole model: one process evaluates it.
     result = run_cli("evaluate", f"run_dir={whole}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     for key, value in metrics(whole).items():
         assert printed[key] == pytest.approx(value, rel=1e-6), key
+    # Stopped at step 4 (a copy of the run, its sharded save of step 4 as last.pt) and resumed
+    # sharded: the same weights as never stopping.
+    split = Path(shutil.copytree(whole, tmp_path / "split"))
+    (split / "checkpoints" / "step-000006.pt").unlink()
+    (split / "checkpoints" / "step-000004.pt").replace(split / "checkpoints" / "last.pt")
+    result = run_cli("train", f"resume={split}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert_same_weights(split, whole)
