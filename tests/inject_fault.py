@@ -7,12 +7,14 @@ dies on the nth time it gets there:
 - write: inside a checkpoint write, with half the file on disk.
 
 A SIGKILL cannot be caught, so the run keeps only what it had written before: what a kill -9, the
-out-of-memory killer or a lost node leaves.
+out-of-memory killer or a lost node leaves. It goes to the run's process group, its data-loading
+workers too, as on a lost node.
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -25,7 +27,9 @@ from trainer import loop, validation
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL to the run's process group: the training process and its data-loading workers
+    (killed alone, a worker was left waiting for its parent for ever)."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def dying_step(real: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
@@ -74,8 +78,12 @@ TARGETS = {"step": (loop, "train_step", dying_step),
            "write": (torch, "save", dying_write)}
 
 
-def train_and_die(point: str, n: int, config: dict, run_dir: str) -> None:
-    """Run in a child process: train `config` in `run_dir`, dying at the nth `point`."""
+def train_and_die(point: str, n: int, config: dict, run_dir: str, start_method: str) -> None:
+    """Run in a child process: train `config` in `run_dir`, dying at the nth `point`. Its
+    data-loading workers start by `start_method`, as in the test's process (a child of a fork
+    server would start them through a fork server of its own, each importing torch anew)."""
+    os.setpgrp()  # a group of its own, which die() kills: never the test's
+    multiprocessing.set_start_method(start_method, force=True)
     module, name, dying = TARGETS[point]
     real, calls = getattr(module, name), []
 

@@ -28,6 +28,13 @@ DROPOUT = {"transformer": ["model.dropout=0.2"], "rnn": ["model.dropout=0.2", "m
 POINTS = {"step": (3, 8), "validation": (2, 3), "write": (2, 5)}
 
 
+# What a run imports only once it trains: the first optimizer imports torch._dynamo (over a
+# second), the data its readers. Imported once in the fork server, not again in every child; a
+# module that is not there (renamed) is passed over by the server and imported where it is used.
+LAZY_IMPORTS = ["torch._dynamo", "torch.utils.data", "trainer.data.files", "trainer.data.images",
+                "trainer.data.tokenize", "trainer.data.transforms"]
+
+
 def weights_and_progress(run: Path) -> tuple[dict, dict]:
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     return state["model"], state["progress"]
@@ -39,7 +46,7 @@ def processes():
     killed run costs its training, not a second of imports (a fork of this process, whose
     thread pools are running, could hang)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["inject_fault"])
+    context.set_forkserver_preload(["inject_fault", *LAZY_IMPORTS])
     return context
 
 
@@ -68,7 +75,8 @@ def kill_and_resume(processes, references, tmp_path):
         cfg = compose_train(*args)
         run = tmp_path / "killed"
         child = processes.Process(target=inject_fault.train_and_die, args=(
-            point, n, OmegaConf.to_container(cfg, resolve=True), str(run)))
+            point, n, OmegaConf.to_container(cfg, resolve=True), str(run),
+            multiprocessing.get_start_method()))
         child.start()
         child.join(timeout=300)
         assert child.exitcode == -signal.SIGKILL, f"not killed at {point} {n}"
