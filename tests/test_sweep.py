@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -20,32 +22,39 @@ def sweep_dir(root):
     return found
 
 
-@pytest.mark.slow
-def test_a_grid_sweep_records_jobs_failures_and_a_summary(tmp_path):
-    # cnn with depth 4 halves an 8x8 digit to nothing: that one job fails, the others run.
-    result = run_cli("train", "-m", "debug=fast", "model=cnn,rnn", "model.depth=1,4", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    """A grid sweep of three jobs, run once for the tests that read it: (result, sweep dir).
+    A cnn of depth 4 halves an 8x8 digit to nothing: that one job fails, the other two run."""
+    root = tmp_path_factory.mktemp("grid")
+    result = run_cli("train", "-m", "debug=fast", "model=cnn", "model.depth=1,2,4", cwd=root)
     assert result.returncode == 0, result.stderr
-    sweep = sweep_dir(tmp_path)
+    return result, sweep_dir(root)
+
+
+@pytest.mark.slow
+def test_a_grid_sweep_records_jobs_failures_and_a_summary(grid_sweep):
+    result, sweep = grid_sweep
     records = {r["overrides"]: r for r in
-               (json.loads((sweep / str(n) / "job.json").read_text()) for n in range(4))}
+               (json.loads((sweep / str(n) / "job.json").read_text()) for n in range(3))}
     failed = records["debug=fast model=cnn model.depth=4"]
     assert failed["status"] == "failed" and "halve a 8x8 image to nothing" in failed["error"]
     failed_log = (sweep / str(failed["job"]) / "train.log").read_text()
     assert "job failed: model.depth=4: 4 conv blocks" in failed_log
     assert "Traceback" not in failed_log
     completed = [r for r in records.values() if r["status"] == "completed"]
-    assert len(completed) == 3
-    assert sum((sweep / str(n) / "metrics.json").is_file() for n in range(4)) == 3
+    assert len(completed) == 2
+    assert sum((sweep / str(n) / "metrics.json").is_file() for n in range(3)) == 2
 
     with open(sweep / "sweep_summary.csv") as file:
         rows = list(csv.DictReader(file))
-    assert [row["status"] for row in rows] == ["completed"] * 3 + ["failed"]
-    losses = [float(row["val/loss"]) for row in rows[:3]]
+    assert [row["status"] for row in rows] == ["completed"] * 2 + ["failed"]
+    losses = [float(row["val/loss"]) for row in rows[:2]]
     assert losses == sorted(losses)  # best first by val/loss
     assert "| job | overrides | status |" in (sweep / "sweep_summary.md").read_text()
     assert "Sweep summary, best first by val/loss" in result.stdout
-    assert "every job: debug=fast\n" in result.stdout  # the table shows what differs
-    assert "| model=cnn model.depth=4 | failed |" in (sweep / "sweep_summary.md").read_text()
+    assert "every job: debug=fast model=cnn\n" in result.stdout  # the table shows what differs
+    assert "| model.depth=4 | failed |" in (sweep / "sweep_summary.md").read_text()
 
     # TensorBoard names each job's run by its overrides; the HParams entry is readable.
     [run] = (sweep / "0" / "tensorboard").iterdir()
@@ -104,7 +113,7 @@ def test_the_summary_names_shared_overrides_once_and_shortens_long_numbers(tmp_p
 @pytest.mark.slow
 def test_optuna_search_of_two_trials(tmp_path):
     # A search space given on the command line replaces the preset's (widths 16-128).
-    result = run_cli("train", "hparams_search=classification", "debug=fast",
+    result = run_cli("train", "hparams_search=classification", "debug=fast", "logger=none",
                      "hydra.sweeper.n_trials=2", "model.width=choice(8,24)", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -132,28 +141,28 @@ def test_cluster_launcher_configs_compose():
 
 @pytest.mark.slow
 def test_a_sweep_survives_failed_and_killed_jobs_and_resume_auto_finishes_it(tmp_path):
-    """12 jobs two at a time; seed 3's raises and seed 7's is killed with SIGKILL in their third
-    step. The other ten finish; the same command again continues those two and keeps the ten."""
+    """4 jobs two at a time; seed 0's is killed with SIGKILL and seed 1's raises in their third
+    step (the first two jobs, so the sweep goes on after them). The other two finish; the same
+    command again continues the failed two and keeps the finished two."""
     sweep = tmp_path / "sweep"
     command = ["train", "-m", "debug=fast", "logger=none", "trainer.checkpoint_every=2",
                "model._target_=failing_model.CrashingCNN", "hydra/launcher=joblib",
                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "resume=auto",
-               "seed=range(0,12)"]
+               "seed=range(0,4)"]
     path = FAILING_MODELS
-    first = run_cli(*command, cwd=tmp_path, env={**path, "CRASH": "seed3:raise,seed7:kill"})
+    first = run_cli(*command, cwd=tmp_path, env={**path, "CRASH": "seed0:kill,seed1:raise"})
     assert first.returncode == 0, first.stderr
-    records = {n: json.loads((sweep / str(n) / "job.json").read_text()) for n in range(12)}
-    assert {n for n, r in records.items() if r["status"] == "failed"} == {3, 7}
-    assert "RuntimeError: deliberate failure" in records[3]["error"]
-    assert "was killed by SIGKILL" in records[7]["error"]
-    assert summary_statuses(sweep) == ["completed"] * 10 + ["failed"] * 2
-    finished = {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns
-                for n in range(12) if n not in (3, 7)}
+    records = {n: json.loads((sweep / str(n) / "job.json").read_text()) for n in range(4)}
+    assert {n for n, r in records.items() if r["status"] == "failed"} == {0, 1}
+    assert "RuntimeError: deliberate failure" in records[1]["error"]
+    assert "was killed by SIGKILL" in records[0]["error"]
+    assert summary_statuses(sweep) == ["completed"] * 2 + ["failed"] * 2
+    finished = {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns for n in (2, 3)}
 
     again = run_cli(*command, cwd=tmp_path, env=path)
     assert again.returncode == 0, again.stderr
-    assert summary_statuses(sweep) == ["completed"] * 12
-    for n in (3, 7):  # continued from the last.pt of step 2
+    assert summary_statuses(sweep) == ["completed"] * 4
+    for n in (0, 1):  # continued from the last.pt of step 2
         assert "at step 2" in (sweep / str(n) / "train.log").read_text()
     assert finished == {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns
                         for n in finished}
@@ -165,13 +174,14 @@ def summary_statuses(sweep):
 
 
 @pytest.mark.slow
-def test_resume_auto_refuses_a_sweep_directory_of_other_jobs(tmp_path):
-    sweep = tmp_path / "sweep"
-    command = ["train", "-m", "debug=fast", "logger=none", "trainer.max_steps=2", "resume=auto",
-               f"hydra.sweep.dir={sweep}"]
-    assert run_cli(*command, "seed=0", cwd=tmp_path).returncode == 0
-    other = run_cli(*command, "seed=1", cwd=tmp_path)
+def test_resume_auto_refuses_a_sweep_directory_of_other_jobs(grid_sweep, tmp_path):
+    # The grid sweep's directory, given to a sweep of other overrides: its job 0 is refused
+    # before it trains (no child process).
+    sweep = Path(shutil.copytree(grid_sweep[1], tmp_path / "sweep"))
+    other = run_cli("train", "-m", "debug=fast", "logger=none", "resume=auto",
+                    f"hydra.sweep.dir={sweep}", "seed=1", cwd=tmp_path)
     assert other.returncode == 0, other.stderr  # the sweep goes on; the job is recorded failed
     record = json.loads((sweep / "0" / "job.json").read_text())
     assert record["status"] == "failed"
-    assert "holds job 0 of another sweep" in record["error"] and "seed=0" in record["error"]
+    assert "holds job 0 of another sweep" in record["error"]
+    assert "model=cnn model.depth=1" in record["error"]
