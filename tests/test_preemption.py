@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
 from trainer import loop
 from trainer.signals import STOPPED_EXIT, Stopped
 
@@ -81,8 +81,8 @@ COMMANDS = {"one process": ["train"], "launched ranks": ["train", "device.count=
 def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, command):
     """The real CLI in one process, in two gloo ranks under its launcher or under torchrun:
     SIGTERM mid-run."""
-    args = [*COMMANDS[command], "debug=fast", "trainer.max_steps=100000", "trainer.log_every=1",
-            "trainer.val_every=100000", "device=cpu"]
+    args = [*COMMANDS[command], "debug=fast", "logger=none", "trainer.max_steps=100000",
+            "trainer.log_every=1", "trainer.val_every=100000", "device=cpu"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -198,7 +198,7 @@ def test_a_run_saved_before_newer_keys_resumes_and_is_evaluated(tmp_path):
 
 
 def test_resume_latest_without_runs(tmp_path):
-    assert_clean_error(run_cli("train", "resume=latest", cwd=tmp_path),
+    assert_clean_error(run_in_process("train", "resume=latest", cwd=tmp_path),
                        "resume=latest: no run under")
 
 
