@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAILING_MODELS, compose_train, run_cli
 from trainer.cli import CONFIG_DIR
 from trainer.sweep import summary_rows, write_record, write_summary
+from trainer.tasks import family_of
 
 
 def sweep_dir(root):
@@ -44,6 +44,7 @@ def test_a_grid_sweep_records_jobs_failures_and_a_summary(grid_sweep):
     assert "Traceback" not in failed_log
     completed = [r for r in records.values() if r["status"] == "completed"]
     assert len(completed) == 2
+    assert {r["task"] for r in records.values()} == {"classification"}
     assert sum((sweep / str(n) / "metrics.json").is_file() for n in range(3)) == 2
 
     with open(sweep / "sweep_summary.csv") as file:
@@ -78,11 +79,10 @@ def test_the_summary_ranks_jobs_of_one_task_together_never_a_gan_beside_a_classi
     jobs = [(0, "model=cnn", 0.30), (1, "model=gan", 0.01), (2, "model=cnn", 0.20),
             (3, "model=gan", 0.02)]
     for job, model, loss in jobs:
-        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
-        OmegaConf.save(compose_train(model), tmp_path / str(job) / ".hydra" / "config.yaml")
-        write_record(tmp_path / str(job), {
+        (tmp_path / str(job)).mkdir()
+        write_record(tmp_path / str(job), {  # as sweep_job records each job's task
             "job": job, "overrides": model, "status": "completed", "seconds": 1.0,
-            "error": None, "metrics": {"val/loss": loss}})
+            "error": None, "metrics": {"val/loss": loss}, "task": family_of(compose_train(model))})
     rows = summary_rows(tmp_path, "val/loss")
     assert [(r["job"], r["task"]) for r in rows] == [
         (2, "classification"), (0, "classification"), (1, "adversarial"), (3, "adversarial")]

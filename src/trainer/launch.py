@@ -39,10 +39,14 @@ def sweep_job(cfg: DictConfig) -> Any:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict[str, Any] = {"job": hydra_cfg.job.num,
                               "overrides": " ".join(hydra_cfg.overrides.task),
-                              "status": "completed", "error": None, "metrics": {}}
+                              "status": "completed", "error": None, "metrics": {},
+                              "task": "unknown"}  # what the summary ranks it among
     earlier = read_record(run_dir) if cfg.resume == "auto" else None
     start = time.perf_counter()
     try:
+        from trainer.tasks import family_of  # torch: only once a job runs
+
+        record["task"] = family_of(cfg)
         if earlier and earlier["overrides"] != record["overrides"]:
             raise UserError(f"{run_dir} holds job {earlier['job']} of another sweep "
                             f"({earlier['overrides']}): resume=auto continues the same sweep "

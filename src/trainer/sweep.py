@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainer.errors import UserError
 from trainer.tables import aligned
@@ -41,10 +41,9 @@ def summary_rows(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
     """One row per job, with its `task`: within each task (in the order of their first jobs),
     completed jobs best first by `metric`, then the failed ones. Jobs of different tasks are not
     ranked against each other: a GAN's val/loss and a classifier's measure different things."""
-    records = []
-    for path in sweep_dir.glob(f"*/{RECORD}"):
-        record = json.loads(path.read_text())
-        records.append({**record, "task": task_of(path.parent)})
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RECORD}")]
+    for record in records:
+        record.setdefault("task", "unknown")  # a record of a job that failed before it knew
     sign = -1 if higher_is_better(metric) else 1
     first_job = {}
     for record in sorted(records, key=lambda r: r["job"]):
@@ -57,24 +56,6 @@ def summary_rows(sweep_dir: Path, metric: str) -> list[dict[str, Any]]:
                 record["job"])
 
     return sorted(records, key=order)
-
-
-def task_of(job_dir: Path) -> str:
-    """A job's task (classification, language_model, adversarial, reconstruction), from the
-    model and data of its saved config; the model's name where the data decides (Hugging Face)."""
-    saved = job_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        return "unknown"
-    from hydra.utils import get_object  # the tasks import torch: only once a sweep has ended
-
-    from trainer.data import configured_kind
-    from trainer.tasks import task_class
-
-    cfg = OmegaConf.load(saved)
-    model = get_object(cfg.model._target_)
-    kind = configured_kind(cfg.data)
-    task = task_class(model, kind) if kind else None
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", (task or model).__name__).lower()
 
 
 def write_summary(sweep_dir: Path, metric: str) -> tuple[str, str]:

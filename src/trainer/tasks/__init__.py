@@ -7,6 +7,7 @@ evaluation batch into totals that add up across batches and ranks, and shows sam
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hydra.utils import get_class
@@ -26,7 +27,7 @@ from trainer.tasks.language_model import LanguageModel
 from trainer.tasks.reconstruction import Reconstruction
 
 __all__ = ["Task", "as_count", "mean_of", "task_class", "task_for", "check_pairing",
-           "check_configured_pairing"]
+           "check_configured_pairing", "family_of"]
 
 
 # trainer.* keys that only a classifier takes, and their defaults.
@@ -95,6 +96,15 @@ def check_configured_pairing(cfg: DictConfig) -> None:
     kind = configured_kind(cfg.data)
     if kind:
         check_pairing(cfg.model, kind, cfg.data._target_.rsplit(".", 1)[-1])
+
+
+def family_of(cfg: DictConfig) -> str:
+    """The task a config trains (classification, language_model, adversarial, reconstruction),
+    known before its data is read; the model's name where the data decides (Hugging Face)."""
+    model_class = get_class(cfg.model._target_)
+    kind = configured_kind(cfg.data)
+    task = task_class(model_class, kind) if kind else None
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", (task or model_class).__name__).lower()
 
 
 def _check_classes(model: str, spec: DataSpec) -> None:
