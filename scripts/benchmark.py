@@ -26,10 +26,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from trainer import loop
 from trainer.cli import CONFIG_DIR
 from trainer.data import train_batches
 from trainer.logging import build_loggers
+from trainer.run import loop
 from trainer.signals import StopRequest
 
 MODELS = ["cnn", "rnn", "transformer", "gan", "autoencoder"]

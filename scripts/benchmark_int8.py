@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime
 from omegaconf import OmegaConf
 
-from trainer.use import export_job
+from trainer.use.jobs import export_job
 
 
 def session(path: Path) -> onnxruntime.InferenceSession:

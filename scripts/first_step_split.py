@@ -36,8 +36,8 @@ from trainer.cli import CONFIG_DIR
 from trainer.config import validate
 from trainer.data import train_batches
 from trainer.distributed import runtime
-from trainer.loop import Setup, build_model, prepare
-from trainer.step import train_step
+from trainer.run.loop import Setup, build_model, prepare
+from trainer.run.step import train_step
 from trainer.targets import instantiate
 marks["imports"] = time.perf_counter() - start
 with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -112,7 +112,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def finished_run_template(tmp_path_factory) -> Path:
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(compose_train("debug=fast"), run)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer import loop, validation
+from trainer.run import loop, validation
 
 
 def die() -> None:

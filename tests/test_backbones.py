@@ -26,7 +26,7 @@ def resnet18_file(tmp_path_factory):
 def test_a_frozen_backbone_keeps_its_weights_and_trains_a_new_classifier(tmp_path,
                                                                         resnet18_file, caplog):
     from trainer.checkpoint import load
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     caplog.set_level("INFO", logger="trainer")
     run = tmp_path / "run"
@@ -91,8 +91,8 @@ def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, re
 
     from omegaconf import OmegaConf
 
-    from trainer.loop import train
-    from trainer.use import evaluate_job, restored_model
+    from trainer.run.loop import train
+    from trainer.use.jobs import evaluate_job, restored_model
 
     weights = Path(shutil.copy(resnet18_file, tmp_path / "resnet18.pt"))
     run = tmp_path / "run"

@@ -22,7 +22,7 @@ from conftest import (
     run_dirs,
     run_in_process,
 )
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 def test_train_leaves_a_complete_run_directory(tmp_path):

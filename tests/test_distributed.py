@@ -14,8 +14,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAILING_MODELS, assert_clean_error, compose_train, run_cli, run_dirs
-from trainer.loop import train
 from trainer.ranks import adopt_slurm_env
+from trainer.run.loop import train
 
 pytestmark = pytest.mark.slow  # several processes each: the full suite, not the fast tier
 # No dropout or batch norm, so one process at batch 16 and two at batch 8 compute the same thing.

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 
 from trainer.cli import COMMANDS_DIR, CONFIG_DIR, _quoted_prompt
-from trainer.sweep import check_sweeper_overrides
+from trainer.run.sweep import check_sweeper_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -16,7 +16,7 @@ from trainer.tasks.classification import per_class_table
 
 
 def evaluate_on(run, split="test", **data):
-    from trainer.use import evaluate_job
+    from trainer.use.jobs import evaluate_job
 
     return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
                                           "device": None, "split": split, "data": data}))
@@ -35,8 +35,8 @@ def test_the_validation_split_gives_what_the_checkpoint_was_saved_with(finished_
 
 @pytest.mark.parametrize("progress", [True, False])
 def test_a_long_evaluation_shows_its_progress_on_a_terminal(monkeypatch, progress):
-    from trainer.evaluation import evaluate_split
-    from trainer.loop import build
+    from trainer.run.evaluation import evaluate_split
+    from trainer.run.loop import build
 
     s = build(compose_train("debug=fast", f"trainer.progress={progress}"))
     monkeypatch.setattr("trainer.logging.PROGRESS_DELAY", 0)  # as if it had run a while
@@ -75,7 +75,7 @@ def test_a_run_is_used_from_another_folder_than_it_trained_in(tmp_path, text_fil
 def test_evaluate_on_another_image_folder(tmp_path, image_folder):
     from PIL import Image
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path / "run"
     train(compose_train("debug=fast", "logger=none", "data=image_folder",
@@ -104,7 +104,7 @@ def test_evaluate_on_another_image_folder(tmp_path, image_folder):
 
 @pytest.mark.parametrize("tokenizer", ["char", pytest.param("bpe", marks=pytest.mark.slow)])
 def test_evaluate_on_another_text_in_the_run_vocabulary(tmp_path, text_file, tokenizer):
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path / "run"
     train(compose_train("debug=fast", "logger=none", "model=transformer", "data=text",
@@ -138,7 +138,7 @@ def test_evaluate_data_errors(tmp_path, finished_run):
 
 
 def evaluate_on_source(run, source):
-    from trainer.use import evaluate_job
+    from trainer.use.jobs import evaluate_job
 
     return evaluate_job(OmegaConf.create({"run_dir": str(run), "checkpoint": "best",
                                           "device": None, "split": "test", "data": source}))

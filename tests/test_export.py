@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.errors import UserError
-from trainer.export import INT8_AGREEMENT, INT8_TOLERANCE
+from trainer.use.export import INT8_AGREEMENT, INT8_TOLERANCE
 
 TEXT_MODELS = ("rnn", "transformer")
 
@@ -23,7 +23,7 @@ def export_cfg(run, fmt: str = "torch_export", **keys):
 
 def restored_model(run):
     """The run's PyTorch model in eval mode, and 5 inputs of the kind it takes."""
-    from trainer.use import restored_run
+    from trainer.use.jobs import restored_run
 
     s = restored_run(export_cfg(run))
     model = s.model.eval()
@@ -83,7 +83,7 @@ def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, fin
     # What the export promises, whatever this CPU's int8 kernels round: the file it kept makes
     # PyTorch's top predictions on the inputs it was checked on at least INT8_AGREEMENT of the time.
     assert entry["top1_agreement"] >= INT8_AGREEMENT
-    from trainer.use import restored_run
+    from trainer.use.jobs import restored_run
 
     s = restored_run(export_cfg(finished_run))
     module, inputs = s.task.served(s.model.eval(), s.data.test, entry["inputs_checked"])
@@ -95,9 +95,9 @@ def test_export_model_onnx_int8_is_smaller_and_predicts_as_pytorch(tmp_path, fin
 
 def test_an_int8_export_that_changes_predictions_is_refused_and_removed(finished_run,
                                                                         monkeypatch):
-    from trainer.use import export_job
+    from trainer.use.jobs import export_job
 
-    monkeypatch.setattr("trainer.export.INT8_AGREEMENT", 1.01)  # more than any export can give
+    monkeypatch.setattr("trainer.use.export.INT8_AGREEMENT", 1.01)  # more than any export can give
     with pytest.raises(UserError, match=r"model.int8.onnx disagrees with the PyTorch model on 16 "
                                         r"test inputs: its top predictions match PyTorch's "
                                         r"[\d.]+% of the time \(less than 101%\); serve "
@@ -109,7 +109,7 @@ def test_an_int8_export_that_changes_predictions_is_refused_and_removed(finished
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One finished debug=fast run per architecture (language models on a small text)."""
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     root = tmp_path_factory.mktemp("export")
     text = root / "corpus.txt"
@@ -125,7 +125,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_exports_to_every_format(trained, model):
-    from trainer.use import export_job
+    from trainer.use.jobs import export_job
 
     run = trained[model]
     for fmt in ("torch_export", "onnx", "safetensors"):
@@ -163,8 +163,8 @@ def test_every_model_exports_to_every_format(trained, model):
 
 @pytest.mark.slow
 def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
-    from trainer.loop import train
-    from trainer.use import export_job
+    from trainer.run.loop import train
+    from trainer.use.jobs import export_job
 
     monkeypatch.setenv("TRAINER_TRUSTED_TARGETS", "failing_model")  # its model comes back
 
@@ -197,8 +197,8 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
 def test_export_without_the_run_data_checks_on_random_inputs(tmp_path, text_file):
     """A run copied where its data is not: the export is checked on random inputs of the data's
     shape (token ids here) instead of test inputs, and says so."""
-    from trainer.loop import train
-    from trainer.use import export_job
+    from trainer.run.loop import train
+    from trainer.use.jobs import export_job
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text_file.read_text())
@@ -216,8 +216,8 @@ def test_export_without_the_run_data_checks_on_random_inputs(tmp_path, text_file
 
 def test_a_lora_run_exports_with_its_adapters_merged(tmp_path):
     """Served as the plain model it amounts to: no adapter tensors, the LoRA model's outputs."""
-    from trainer.loop import train
-    from trainer.use import export_job
+    from trainer.run.loop import train
+    from trainer.use.jobs import export_job
 
     text = tmp_path / "corpus.txt"
     text.write_text("the sky is blue and the sea is green.\n" * 400)

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODELS, compose_train
-from trainer import loop
+from trainer.run import loop
 
 pytestmark = pytest.mark.slow  # the full suite, not the fast tier
 # Eight steps, a validation at steps 4 and 8, last.pt every 2 steps: checkpoint writes at steps

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from trainer.errors import UserError
-from trainer.fid import frechet_distance
+from trainer.use.fid import frechet_distance
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -22,8 +22,8 @@ def test_frechet_distance_of_known_gaussians():
 
 
 def test_evaluate_scores_a_gan_in_a_classifier_feature_space(tmp_path, finished_run):
-    from trainer.loop import train
-    from trainer.use import evaluate_job
+    from trainer.run.loop import train
+    from trainer.use.jobs import evaluate_job
 
     gan = tmp_path / "gan"
     train(compose_train("debug=fast", "logger=none", "model=gan"), gan)

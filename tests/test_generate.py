@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_clean_error, compose_train, run_cli, run_in_process
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 @pytest.fixture(scope="module", params=["rnn"])  # the transformer's decoding: test_text.py

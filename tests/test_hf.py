@@ -10,7 +10,7 @@ import torch
 
 from conftest import Terminal, assert_clean_error, compose_train, run_cli, run_in_process
 from trainer.data.hf import hf
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from trainer.data.files import FileImageSplit, decode
 from trainer.data.images import ImageSplit, digits
 from trainer.data.images import image_folder as load_image_folder
 from trainer.data.transforms import Augment, seeded_uniforms
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 def every_batch(split, batch_size=7):

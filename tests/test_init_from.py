@@ -7,7 +7,7 @@ import torch
 
 from conftest import compose_train
 from trainer.errors import UserError
-from trainer.loop import build, initialise, train
+from trainer.run.loop import build, initialise, train
 
 SOURCE = ["logger=none", "model.dropout=0", "trainer.max_steps=60", "trainer.val_every=60"]
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import SHARED_DATA, compose_train
 from trainer.data.images import digits
-from trainer.loop import train
+from trainer.run.loop import train
 
 pytestmark = pytest.mark.slow  # each trains for a while: the full suite, not the fast tier
 

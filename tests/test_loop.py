@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import MODELS, compose_train
 from trainer.errors import UserError
-from trainer.loop import build, train
-from trainer.step import train_step
+from trainer.run.loop import build, train
+from trainer.run.step import train_step
 
 DROPOUT_RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",
                "trainer.val_every=4"]
@@ -116,8 +116,8 @@ def test_early_stopping_ends_before_the_budget(tmp_path):
 
 
 def test_improvements_within_min_delta_do_not_hold_off_early_stopping():
-    from trainer.resume import Progress
-    from trainer.validation import _improved
+    from trainer.run.resume import Progress
+    from trainer.run.validation import _improved
 
     progress, stale, best = Progress(), [], []
     for loss in (1.0, 0.95, 0.94, 0.935, 0.93, 0.92):
@@ -175,7 +175,7 @@ def test_a_language_model_fits_one_batch_of_windows(tmp_path, caplog, text_file)
 def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monkeypatch,
                                                                  max_validations, expected):
     """Batches of 512 digits: 2 steps an epoch, 40 epochs in 80 steps."""
-    from trainer import loop
+    from trainer.run import loop
 
     calls, real = [], loop.validation
     monkeypatch.setattr(loop, "validation", lambda run, *a: calls.append(run.progress.step)
@@ -188,7 +188,7 @@ def test_many_short_epochs_validate_at_most_max_validations_times(tmp_path, monk
 
 
 def test_convolutional_models_train_channels_last_on_the_cpu_and_match_the_plain_layout(tmp_path):
-    from trainer.loop import build
+    from trainer.run.loop import build
 
     def conv_weight_layouts(*overrides):
         model = build(compose_train("debug=fast", *overrides)).model

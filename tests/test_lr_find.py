@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
-from trainer.lr_find import MAX_LR, MIN_LR, SKIP, find_lr, steepest
+from trainer.run.lr_find import MAX_LR, MIN_LR, SKIP, find_lr, steepest
 
 
 def test_the_suggestion_is_where_the_loss_falls_fastest():

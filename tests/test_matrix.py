@@ -9,7 +9,7 @@ import torch
 
 from conftest import MODELS, compose_train
 from trainer.errors import UserError
-from trainer.loop import train
+from trainer.run.loop import train
 
 IMAGE_MODELS = MODELS
 TEXT_MODELS = ["rnn", "transformer"]

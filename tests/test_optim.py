@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import trainer.loop
+import trainer.run.loop
 from conftest import compose_train
-from trainer.loop import train
 from trainer.models.gan import GAN
 from trainer.models.rnn import RNN
 from trainer.models.transformer import Transformer
 from trainer.optim import decay_groups, regrouped
+from trainer.run.loop import train
 
 
 def decayed_names(model: nn.Module, entry: list) -> set[str]:
@@ -92,7 +92,7 @@ def test_a_run_saved_with_one_group_per_optimizer_resumes_exactly(tmp_path, monk
            "trainer.grad_clip=0", "trainer.val_every=4"]
     train(compose_train(*run, "trainer.max_steps=8"), tmp_path / "whole")
     with monkeypatch.context() as patch:  # the optimizers as they were built before the split
-        patch.setattr(trainer.loop, "decay_groups", lambda entry, model: entry)
+        patch.setattr(trainer.run.loop, "decay_groups", lambda entry, model: entry)
         train(compose_train(*run, "trainer.max_steps=4"), tmp_path / "old")
     saved = torch.load(tmp_path / "old/checkpoints/last.pt", weights_only=True)
     assert all(len(state["param_groups"]) == 1 for state in saved["optimizers"])

@@ -93,7 +93,7 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
     from PIL import Image
 
     from conftest import compose_train
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path / "run"
     train(compose_train("debug=fast", "logger=none", f"model={model}"), run)
@@ -117,7 +117,7 @@ def test_predict_writes_reconstructions_or_samples(tmp_path, test_images, model)
 def test_predict_needs_only_the_run_not_its_training_data(tmp_path, image_folder):
     """The model is sized by the data spec in its checkpoint: a run copied to a machine without
     its training images (here: the folder renamed) still labels images."""
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path / "run"
     train(compose_train("debug=fast", "logger=none", "data=image_folder",

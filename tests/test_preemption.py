@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
-from trainer import loop
+from trainer.run import loop
 from trainer.signals import STOPPED_EXIT, Stopped
 
 RUN = ["debug=fast", "logger=none", "model=transformer", "model.dropout=0.2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import compose_train
-from trainer.loop import train
+from trainer.run.loop import train
 
 RUN = ["debug=fast", "logger=none", "model.dropout=0"]
 

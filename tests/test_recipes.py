@@ -16,8 +16,8 @@ from trainer.averaging import WeightAverage
 from trainer.config import validate
 from trainer.data import DataSpec
 from trainer.errors import UserError
-from trainer.loop import train
 from trainer.models.cnn import CNN, Whitening
+from trainer.run.loop import train
 from trainer.tasks import task_for
 
 EMA_RUN = ["debug=fast", "logger=none", "model.residual=true", "trainer.ema_decay=0.9",
@@ -110,8 +110,8 @@ def test_a_run_with_an_average_validates_and_hands_on_the_average(tmp_path):
     assert differs  # the average is not the trained weights
     assert set(best["model"]) == set(best["training_model"])
 
-    from trainer.evaluation import test_checkpoint
-    from trainer.loop import build
+    from trainer.run.evaluation import test_checkpoint
+    from trainer.run.loop import build
 
     s = build(compose_train(*EMA_RUN))  # the test split scored with best.pt's `model` entry
     tested, _, _ = test_checkpoint(s, tmp_path / "run" / "checkpoints" / "best.pt")
@@ -153,7 +153,7 @@ def test_a_whitened_resnet_trains_its_whitening_bias_but_not_its_filters(tmp_pat
     common = ["debug=fast", "logger=none", "model.residual=true", "model.whiten=true"]
     metrics = train(compose_train(*common, "trainer.max_steps=60"), tmp_path / "run")
     trained = checkpoint(tmp_path / "run")["model"]
-    from trainer.loop import build
+    from trainer.run.loop import build
 
     s = build(compose_train(*common))
     s.task.fit_to_data(s.model, s.data.train)  # fitted again, as train does before any step

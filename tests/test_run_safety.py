@@ -161,9 +161,9 @@ def listing(run: Path) -> dict[str, tuple[int, int]]:
 def open_with_every_command(run: Path) -> list[str]:
     """What each command does first with a run (train resume=, evaluate, predict, generate,
     export-model, init_from=): the error each raises."""
-    from trainer.init_from import load_matching
-    from trainer.launch import resumed_config
-    from trainer.use import evaluate_job, export_job, generate_job, predict_job
+    from trainer.run.init_from import load_matching
+    from trainer.run.launch import resumed_config
+    from trainer.use.jobs import evaluate_job, export_job, generate_job, predict_job
 
     common = {"run_dir": str(run), "checkpoint": "best", "device": None}
     opened = [
@@ -223,7 +223,7 @@ def test_the_commands_refuse_the_crafted_run_in_one_line(command, finished_run_t
 @pytest.fixture(scope="module")
 def kept_run(tmp_path_factory) -> Path:
     """A debug=fast run of 6 steps keeping step-000004.pt and step-000006.pt."""
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run = tmp_path_factory.mktemp("kept") / "run"
     train(compose_train("debug=fast", "logger=none", "trainer.checkpoint_every=2",
@@ -318,7 +318,7 @@ def wait_for(test: Any, what: str, seconds: float = 60) -> None:
 @pytest.mark.slow  # three train processes
 def test_a_second_train_is_refused_while_the_first_trains_and_accepted_once_it_is_killed(
         tmp_path):
-    from trainer.use import evaluate_job
+    from trainer.use.jobs import evaluate_job
 
     run = tmp_path / "run"
     first = subprocess.Popen(

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAILING_MODELS, compose_train, run_cli
 from trainer.cli import CONFIG_DIR
-from trainer.sweep import summary_rows, write_record, write_summary
+from trainer.run.sweep import summary_rows, write_record, write_summary
 from trainer.tasks import family_of
 
 

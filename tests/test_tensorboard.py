@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_train
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 def events(run_dir):

@@ -20,7 +20,7 @@ from conftest import Terminal, compose_train
 from trainer.data import token_cache, tokenize
 from trainer.data.text import text
 from trainer.errors import UserError
-from trainer.loop import train
+from trainer.run.loop import train
 from trainer.tasks.language_model import LanguageModel
 
 

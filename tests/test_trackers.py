@@ -35,7 +35,7 @@ def artifacts(client, run_id, folder=None):
 def test_mlflow_beside_tensorboard_and_resumed_into_the_same_run(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     monkeypatch.chdir(tmp_path)  # an sqlite store keeps its artifacts in ./mlruns
 
@@ -67,7 +67,7 @@ def test_mlflow_beside_tensorboard_and_resumed_into_the_same_run(tmp_path, monke
 @pytest.mark.slow
 def test_a_run_resumed_from_an_older_checkpoint_logs_each_step_once_to_mlflow(tmp_path,
                                                                              monkeypatch):
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -147,7 +147,7 @@ def leveldb_log(data: bytes, block: int = 32768):
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_metrics_text_and_config(tmp_path, text_file, caplog):
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     caplog.set_level(logging.INFO, logger="trainer")
     run = tmp_path / "run"
@@ -170,7 +170,7 @@ def test_wandb_offline_run_holds_metrics_text_and_config(tmp_path, text_file, ca
                            "there"),
 ])
 def test_an_unusable_mlflow_store_is_one_clear_line(tmp_path, monkeypatch, uri, message):
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -5,6 +5,9 @@ Small sets are held in memory (images as uint8) and batched by indexing; large o
 disk (image files decoded in DataLoader workers, tokens from a memory map). The order of training
 batches is a pure function of (seed, epoch), and each rank takes its own slice of every global
 batch, so a run can be resumed bit for bit and sharded without a sampler object.
+
+May import: the leaves (errors, logging's progress bars, ranks) and each other; never models,
+tasks, run, use or cli.
 """
 
 from __future__ import annotations

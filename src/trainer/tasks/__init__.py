@@ -3,6 +3,8 @@
 A task builds its model from the data's spec, says which parameters each optimizer owns, computes
 a training step's loss for each optimizer (a GAN has two: discriminator, then generator), sums an
 evaluation batch into totals that add up across batches and ranks, and shows samples.
+
+May import: models, data and the leaves; never run, use or cli.
 """
 
 from __future__ import annotations

@@ -29,18 +29,15 @@ from trainer.config import validate
 from trainer.data import Batch, DataModule, DataSpec, train_batches
 from trainer.distributed import Runtime, memory_format, runtime
 from trainer.errors import UserError, out_of_memory_explained
-from trainer.init_from import encode_as_source, weights_from_source
 from trainer.logging import Throughput, TimeEstimate, build_loggers, shown
 from trainer.models.pretrained import weights_from_checkpoint
 from trainer.optim import decay_groups, device_options
-from trainer.profiling import profiled
-from trainer.resume import restore, save
-from trainer.signals import Stopped, StopRequest
-from trainer.state import Run, Setup
-from trainer.step import train_step
-from trainer.targets import call, instantiate
-from trainer.tasks import Task, check_configured_pairing, task_for
-from trainer.validation import (
+from trainer.run.init_from import encode_as_source, weights_from_source
+from trainer.run.profiling import profiled
+from trainer.run.resume import restore, save
+from trainer.run.state import Run, Setup
+from trainer.run.step import train_step
+from trainer.run.validation import (
     check_finite,
     finish,
     format_metrics,
@@ -48,6 +45,9 @@ from trainer.validation import (
     sanity_check,
     validation,
 )
+from trainer.signals import Stopped, StopRequest
+from trainer.targets import call, instantiate
+from trainer.tasks import Task, check_configured_pairing, task_for
 
 log = logging.getLogger("trainer")
 

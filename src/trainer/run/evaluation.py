@@ -13,7 +13,7 @@ from trainer.data import Split, eval_batches
 from trainer.logging import progress_bar
 
 if TYPE_CHECKING:
-    from trainer.state import Setup
+    from trainer.run.state import Setup
 
 
 def evaluate_split(s: Setup, split: Split, max_batches: int | None = None,

@@ -18,7 +18,7 @@ from trainer.logging import shown
 from trainer.tables import aligned
 
 if TYPE_CHECKING:
-    from trainer.state import Run
+    from trainer.run.state import Run
 
 log = logging.getLogger("trainer")
 

@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 from trainer.data import Batch, configured_kind, train_batches
 from trainer.errors import UserError, out_of_memory_explained
 from trainer.logging import shown
-from trainer.loop import build_fresh, prepare, smaller_steps
-from trainer.state import Run, Setup
-from trainer.step import train_step
+from trainer.run.loop import build_fresh, prepare, smaller_steps
+from trainer.run.state import Run, Setup
+from trainer.run.step import train_step
 from trainer.tables import aligned
 from trainer.tasks import task_class
 

@@ -1,7 +1,10 @@
 """The console scripts `train`, `evaluate`, `predict`, `generate` and `export-model`: thin Hydra
-entrypoints over launch.py (training, sweeps, process groups) and use.py (a finished run's jobs).
+entrypoints over run/launch.py (training, sweeps, process groups) and use/jobs.py (a finished
+run's jobs).
 
 Heavy imports (torch, the loop) happen only once a command runs, so `--help` is quick.
+
+May import: everything below it (run, use and the leaves); nothing imports it but __main__.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from trainer import run_lock
 from trainer.config import did_you_mean, refuse_added_keys, register_schemas
 from trainer.errors import UserError
-from trainer.launch import (
+from trainer.ranks import env_rank, in_process_group
+from trainer.run.launch import (
     GROUPS,
     checked_resume,
     resume_source,
@@ -33,11 +37,10 @@ from trainer.launch import (
     sweep_job,
     train_job,
 )
-from trainer.ranks import env_rank, in_process_group
+from trainer.run.sweep import check_sweeper_overrides
 from trainer.signals import STOPPED_EXIT, Stopped, report_stopped
-from trainer.sweep import check_sweeper_overrides
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 # The commands over a finished run: a folder of their own, where `device` and `data` are keys
 # rather than the config groups of CONFIG_DIR.
 COMMANDS_DIR = str(Path(CONFIG_DIR) / "commands")
@@ -67,7 +70,7 @@ def _used_run(path: str, *, _root_: DictConfig | None = None) -> str:
     the run as it was."""
     run = _existing_run(path)
     if _root_ is not None and "checkpoint" in _root_ and run not in _checked:
-        from trainer.use import saved_run
+        from trainer.use.jobs import saved_run
 
         _run_reporting_errors(lambda: saved_run(_root_, check_only=True))
         _checked.add(run)
@@ -108,7 +111,7 @@ _held_here: set[str] = set()  # the runs _hold took (its resolvers run more than
 
 
 def _check_init_from(source: str) -> None:
-    from trainer.init_from import source_state
+    from trainer.run.init_from import source_state
 
     if source not in _checked:
         _run_reporting_errors(lambda: source_state(source, check_only=True))
@@ -291,7 +294,7 @@ def _join_external_group() -> None:
     """A rank other than 0 under torchrun or srun: the same config, rank 0's run directory."""
     from hydra import compose, initialize_config_dir
 
-    from trainer.loop import train as run_training
+    from trainer.run.loop import train as run_training
 
     logging.basicConfig(level=logging.WARNING)
     overrides, _ = _compose_overrides(sys.argv[1:])
@@ -327,7 +330,7 @@ def _use_command(config_name: str, job: str) -> Callable[[], None]:
 
     @hydra.main(version_base="1.3", config_path=COMMANDS_DIR, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
-        from trainer import use
+        from trainer.use import jobs as use
 
         _refuse_added_keys(cfg)
         return _run_reporting_errors(lambda: getattr(use, job)(cfg))

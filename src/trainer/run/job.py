@@ -1,7 +1,7 @@
 """A sweep job in a process of its own, so that a job killed by the out-of-memory killer or
 `kill -9` (or one that crashes in native code) fails alone and the sweep goes on.
 
-The sweep's process runs `python -m trainer.job RUN_DIR OUTCOME` with the job's resolved config
+The sweep's process runs `python -m trainer.run.job RUN_DIR OUTCOME` with the job's resolved config
 on stdin. The child trains and writes ["completed", metrics], ["stopped", message] or
 ["failed", message] to OUTCOME; a child that dies before writing it was killed.
 """
@@ -35,7 +35,7 @@ def run_in_child(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
         outcome = Path(scratch) / "outcome.json"
         # The child shares this process's lock on run_dir: the run stays held while either lives.
         lock = run_lock.descriptor(run_dir)
-        child = subprocess.Popen([sys.executable, "-m", "trainer.job", str(run_dir),
+        child = subprocess.Popen([sys.executable, "-m", "trainer.run.job", str(run_dir),
                                   str(outcome)], stdin=subprocess.PIPE, text=True,
                                  pass_fds=() if lock is None else (lock,))
         assert child.stdin is not None
@@ -66,7 +66,7 @@ def run_in_child(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
 def main() -> None:
     """The child: train, and write the outcome."""
     from trainer.logging import log_to_run_dir
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run_dir, outcome = sys.argv[1:3]
     config = OmegaConf.create(json.load(sys.stdin))

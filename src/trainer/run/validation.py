@@ -14,14 +14,14 @@ from omegaconf import DictConfig
 
 from trainer import checkpoint
 from trainer.errors import UserError
-from trainer.evaluation import evaluate_split, test_checkpoint
 from trainer.logging import hparams_of, shown
-from trainer.resume import keep_best, save
-from trainer.state import Progress
-from trainer.sweep import higher_is_better
+from trainer.run.evaluation import evaluate_split, test_checkpoint
+from trainer.run.resume import keep_best, save
+from trainer.run.state import Progress
+from trainer.run.sweep import higher_is_better
 
 if TYPE_CHECKING:
-    from trainer.state import Run
+    from trainer.run.state import Run
     from trainer.tasks import Task
 
 log = logging.getLogger("trainer")

@@ -33,7 +33,7 @@ def sweep_job(cfg: DictConfig) -> Any:
     With resume=auto a job that completed in an earlier run of the same sweep is kept as it is.
     Returns the job's `optimized_metric` (what Optuna minimises or maximises), or all its
     metrics when none is set."""
-    from trainer.sweep import read_record, write_record
+    from trainer.run.sweep import read_record, write_record
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -149,10 +149,10 @@ def _train_job(cfg: DictConfig, isolated: bool) -> Any:
     if cfg.device.count * cfg.device.nodes > 1 and not in_process_group():
         return _launch_group(cfg, run_dir)
     if isolated:
-        from trainer.job import run_in_child
+        from trainer.run.job import run_in_child
 
         return run_in_child(OmegaConf.to_container(cfg, resolve=True), run_dir)
-    from trainer.loop import train as run_training
+    from trainer.run.loop import train as run_training
 
     return run_training(cfg, run_dir)
 
@@ -160,7 +160,7 @@ def _train_job(cfg: DictConfig, isolated: bool) -> Any:
 def _find_lr(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, float]:
     """lr_find=true: the range test, in this one process; what it prints to train with is the
     command line given, less lr_find and any optimizer.lr."""
-    from trainer.lr_find import find_lr
+    from trainer.run.lr_find import find_lr
 
     if cfg.resume:
         raise UserError("lr_find=true starts from fresh weights: drop resume= (a run's "
@@ -197,7 +197,7 @@ def worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
     from trainer.distributed import record_user_error
     from trainer.logging import log_to_run_dir  # torch: only in a process that trains
-    from trainer.loop import train as run_training
+    from trainer.run.loop import train as run_training
 
     main = env_rank() == 0
     log_to_run_dir(run_dir, main)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from trainer import checkpoint
 from trainer.data import spec_record
 from trainer.optim import flat, regrouped
-from trainer.state import Progress, Run
+from trainer.run.state import Progress, Run
 
 log = logging.getLogger("trainer")
 

@@ -35,7 +35,7 @@ from torch.export import Dim
 
 from trainer.data import DataSpec
 from trainer.errors import UserError
-from trainer.state import Setup
+from trainer.run.state import Setup
 from trainer.targets import instantiate
 
 log = logging.getLogger("trainer")

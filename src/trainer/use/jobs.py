@@ -27,8 +27,8 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
     as JSON (the last line of stdout), and whether they match what the run recorded: its
     metrics.json, or the checkpoint's own validation (in the log). With cfg.data (keys such as
     path), the split of that other data, prepared as the run's was."""
-    from trainer.evaluation import test_checkpoint
-    from trainer.loop import build
+    from trainer.run.evaluation import test_checkpoint
+    from trainer.run.loop import build
 
     split = cfg.split
     if split not in SPLITS:
@@ -61,8 +61,8 @@ def evaluate_job(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fid(s: Any, features_run: str, split: str) -> float:
-    from trainer.fid import check_run, gan_fid
     from trainer.tasks.adversarial import Adversarial
+    from trainer.use.fid import check_run, gan_fid
 
     if not isinstance(s.task, Adversarial):
         raise UserError("fid_features scores a GAN's samples: this run is not a GAN")
@@ -186,7 +186,7 @@ def restored_run(cfg: DictConfig) -> Any:
     """The Setup of a finished run, its data read and its checkpoint's weights loaded (for a
     checkpoint of an older trainer, which records no data spec; else see restored_model)."""
     from trainer import checkpoint
-    from trainer.loop import build
+    from trainer.run.loop import build
 
     path, state, train_cfg = saved_run(cfg)
     with weights_from_checkpoint():
@@ -219,7 +219,7 @@ def restored_model(cfg: DictConfig) -> Restored:
     from trainer import checkpoint
     from trainer.data import spec_from_record
     from trainer.distributed import runtime
-    from trainer.loop import build_model
+    from trainer.run.loop import build_model
 
     path, state, train_cfg = saved_run(cfg)
     if "data" not in state:  # a checkpoint of an older trainer: its data says what it meant
@@ -246,10 +246,10 @@ def output_folder(outputs: str | None, default: Path) -> Path:
 def predict_job(cfg: DictConfig) -> None:
     """What a run makes of new inputs: a classifier's labels (CSV), an autoencoder's
     reconstructions, a GAN's samples (PNGs and a grid)."""
-    from trainer import predict
     from trainer.tasks.adversarial import Adversarial
     from trainer.tasks.classification import Classification
     from trainer.tasks.reconstruction import Reconstruction
+    from trainer.use import predict
 
     for key, minimum in (("top_k", 1), ("count", 1)):
         if cfg[key] < minimum:
@@ -281,7 +281,7 @@ def predict_job(cfg: DictConfig) -> None:
 def export_job(cfg: DictConfig) -> dict[str, Any]:
     """The run's model in cfg.format, checked against PyTorch on test inputs, in cfg.outputs
     (default RUN/export); its export.json entry printed as JSON (the last line of stdout)."""
-    from trainer.export import export
+    from trainer.use.export import export
 
     if cfg.count < 3:
         raise UserError(f"count={cfg.count} is out of range: it must be >= 3 (test inputs to "
@@ -306,8 +306,8 @@ def export_job(cfg: DictConfig) -> dict[str, Any]:
 def _adapters_merged(run: Restored) -> Restored:
     """A LoRA run's model as the plain one it serves as (peft's merge_and_unload): each adapter's
     change added into its layer's weight, so the export runs no extra matrix products."""
-    from trainer.loop import build_model
     from trainer.models.lora import merged
+    from trainer.run.loop import build_model
 
     rank = run.cfg.model.get("lora_rank")
     if not rank:
@@ -325,9 +325,9 @@ def _exportable(cfg: DictConfig) -> tuple[Any, str]:
     """The run's Setup for export, and what its checks run on: the test split of the run's data,
     or, where that cannot be read here, random inputs of its shape."""
     from trainer.data import DataModule
-    from trainer.export import RandomInputs
-    from trainer.state import Setup
+    from trainer.run.state import Setup
     from trainer.targets import instantiate
+    from trainer.use.export import RandomInputs
 
     run = _adapters_merged(restored_model(cfg))
     try:

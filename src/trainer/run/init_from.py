@@ -23,7 +23,7 @@ from trainer.models.lora import ADAPTER, merged
 from trainer.targets import instantiate
 
 if TYPE_CHECKING:
-    from trainer.state import Setup
+    from trainer.run.state import Setup
 
 log = logging.getLogger("trainer")
 
