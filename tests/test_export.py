@@ -166,7 +166,6 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
     from trainer.run.loop import train
     from trainer.use.jobs import export_job
 
-    monkeypatch.setenv("TRAINER_TRUSTED_TARGETS", "failing_model")  # its model comes back
 
     assert_clean_error(run_in_process("export-model", f"run_dir={finished_run}", "format=tflite",
                                       cwd=tmp_path),
@@ -184,6 +183,7 @@ def test_export_errors_are_one_clear_line(tmp_path, finished_run, monkeypatch):
                                         r"'trainer\[export\]'"):
         export_job(export_cfg(finished_run, "onnx"))
     monkeypatch.undo()
+    monkeypatch.setenv("TRAINER_TRUSTED_TARGETS", "failing_model")  # its model comes back
     run = tmp_path / "unexportable"
     train(compose_train("debug=fast", "logger=none",
                         "model._target_=failing_model.UnexportableCNN"), run)
