@@ -127,7 +127,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def test_resume_continues_in_the_same_run_directory(tmp_path):
-    assert run_cli("train", "debug=fast", cwd=tmp_path).returncode == 0
+    assert run_in_process("train", "debug=fast", cwd=tmp_path).returncode == 0  # its lock let go
     [run] = run_dirs(tmp_path)
     original_config = (run / ".hydra" / "config.yaml").read_text()
     result = run_cli("train", f"resume={run}", "trainer.max_steps=9", cwd=tmp_path)

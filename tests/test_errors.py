@@ -97,13 +97,14 @@ def error_lines(result) -> list[str]:
 
 
 def test_cnn_on_text_is_refused(tmp_path, text_file):
-    result = run_cli("train", "model=cnn", "data=text", f"data.path={text_file}", cwd=tmp_path)
+    result = run_in_process("train", "model=cnn", "data=text", f"data.path={text_file}",
+                            cwd=tmp_path)
     assert_clean_error(result, "model=cnn cannot train on text data", "digits, mnist")
 
 
 def test_divergence_stops_with_advice(tmp_path):
-    result = run_cli("train", "debug=fast", "optimizer=sgd", "optimizer.lr=1e12",
-                     "trainer.grad_clip=0", cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "optimizer=sgd", "optimizer.lr=1e12",
+                            "trainer.grad_clip=0", cwd=tmp_path)
     assert_clean_error(result, "training diverged", "optimizer.lr")
 
 
@@ -125,15 +126,15 @@ def test_out_of_memory_in_a_step_says_what_to_change_and_keeps_last_pt(tmp_path)
 
 
 def test_a_monitor_that_names_no_metric_stops_the_run_before_its_first_step(tmp_path):
-    result = run_cli("train", "debug=fast", "trainer.monitor=val/accuracy",
-                     "hydra.run.dir=run", cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", "trainer.monitor=val/accuracy",
+                            "hydra.run.dir=run", cwd=tmp_path)
     assert_clean_error(result, "trainer.monitor='val/accuracy' is not a validation metric of "
                        "this task; choose one of val/acc, val/loss")
     assert "step 2/6" not in result.stdout + result.stderr  # not a step was taken
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
-    result = run_cli("train", "resume=outputs/typo", cwd=tmp_path)
+    result = run_in_process("train", "resume=outputs/typo", cwd=tmp_path)
     assert_clean_error(result, "'outputs/typo' is not a run directory")
     assert not (tmp_path / "outputs" / "typo").exists()
 
@@ -143,7 +144,7 @@ def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path, finished_r
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(b"not a checkpoint")
     best = (run / "checkpoints" / "best.pt").read_bytes()
-    result = run_cli("train", f"resume={run}", cwd=tmp_path)
+    result = run_in_process("train", f"resume={run}", cwd=tmp_path)
     assert_clean_error(result, f"checkpoint {last} is corrupt or not a trainer checkpoint")
     assert (run / "checkpoints" / "best.pt").read_bytes() == best
     assert last.read_bytes() == b"not a checkpoint"
@@ -151,13 +152,13 @@ def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path, finished_r
 
 
 def test_resume_cannot_swap_the_model(tmp_path, finished_run):
-    result = run_cli("train", f"resume={finished_run}", "model=rnn", cwd=tmp_path)
+    result = run_in_process("train", f"resume={finished_run}", "model=rnn", cwd=tmp_path)
     assert_clean_error(result, "model=rnn: a resumed run keeps its model")
 
 
 def test_resume_names_the_model_key_that_changed_its_shape(tmp_path, finished_run):
     last = (finished_run / "checkpoints" / "last.pt").read_bytes()
-    result = run_cli("train", f"resume={finished_run}", "model.width=64", cwd=tmp_path)
+    result = run_in_process("train", f"resume={finished_run}", "model.width=64", cwd=tmp_path)
     assert_clean_error(result, "does not match the configured model (model.width=64 differs "
                        "from the run's model")
     assert (finished_run / "checkpoints" / "last.pt").read_bytes() == last
@@ -171,7 +172,7 @@ def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     state = torch.load(path, weights_only=True)
     state["config"]["model"]["width"] = 8
     torch.save(state, path)
-    result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert_clean_error(result, "does not match the configured model")
 
 
@@ -190,18 +191,18 @@ def test_out_of_memory_in_evaluate_says_what_to_change(tmp_path, finished_run):
 
 
 def test_a_checkpoint_the_run_lacks_is_named_with_those_it_has(tmp_path, finished_run):
-    result = run_cli("evaluate", f"run_dir={finished_run}", "checkpoint=best-step-7",
-                     cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={finished_run}", "checkpoint=best-step-7",
+                            cwd=tmp_path)
     assert_clean_error(result, "checkpoint=best-step-7:", "does not exist; this run has best, last")
 
 
 def test_evaluate_of_a_missing_run(tmp_path):
-    assert_clean_error(run_cli("evaluate", "run_dir=nowhere", cwd=tmp_path),
+    assert_clean_error(run_in_process("evaluate", "run_dir=nowhere", cwd=tmp_path),
                        "'nowhere' is not a run directory")
 
 
 def test_an_output_folder_that_cannot_be_written(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
-    result = run_cli("train", "debug=fast", f"hydra.run.dir={tmp_path / 'afile' / 'run'}",
-                     cwd=tmp_path)
+    result = run_in_process("train", "debug=fast", f"hydra.run.dir={tmp_path / 'afile' / 'run'}",
+                            cwd=tmp_path)
     assert_clean_error(result, "cannot be created", "afile is not a folder")

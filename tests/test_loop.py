@@ -69,8 +69,8 @@ def test_the_logged_gradient_norm_is_the_accumulated_gradients_before_clipping()
     assert not skipped
 
 
-@pytest.mark.parametrize("precision", ["bf16", "16"])
-def test_reduced_precision_trains(tmp_path, precision):
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("16", marks=pytest.mark.slow)])
+def test_reduced_precision_trains(tmp_path, precision):  # float16 on a CPU: 10 s, whole suite
     metrics = train(compose_train("logger=none", "trainer.progress=false", "trainer.max_steps=60",
                                   f"device.precision={precision}"), tmp_path)
     assert metrics["test/acc"] > 0.8
