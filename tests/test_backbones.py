@@ -83,6 +83,7 @@ def test_backbone_errors_are_one_clear_line(tmp_path, resnet18_file, monkeypatch
         CNN((1, 8, 8), 10, backbone="resnet18", weights="DEFAULT")
 
 
+@pytest.mark.slow  # two runs and a predict: 5 s
 def test_a_finished_run_is_used_without_its_pretrained_weights_file(tmp_path, resnet18_file):
     """The checkpoint holds the backbone's weights: evaluate, predict and a resumed run rebuild
     the model without reading model.weights (a file gone, or torchvision's cache elsewhere)."""

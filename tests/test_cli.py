@@ -126,6 +126,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # the fast tier resumes in-process (test_loop.py)
 def test_resume_continues_in_the_same_run_directory(tmp_path):
     assert run_in_process("train", "debug=fast", cwd=tmp_path).returncode == 0  # its lock let go
     [run] = run_dirs(tmp_path)

@@ -81,7 +81,9 @@ def test_bad_input_is_one_clear_line(tmp_path, args, fragments):
     assert_clean_error(run_in_process("train", "debug=fast", *args, cwd=tmp_path), *fragments)
 
 
-@pytest.mark.parametrize("args", [["model=resnet"], ["optimizer.lr=-0.1"], ["model.depth=5"]])
+@pytest.mark.parametrize("args", [["model=resnet"],  # the fast tier runs one process
+                                  pytest.param(["optimizer.lr=-0.1"], marks=pytest.mark.slow),
+                                  pytest.param(["model.depth=5"], marks=pytest.mark.slow)])
 def test_the_train_command_itself_prints_one_line_for_bad_input(tmp_path, args):
     """The table above runs in this process; a few rows as the user's own process runs them (a
     mistake in composing, in checking and in building)."""
@@ -176,6 +178,7 @@ def test_evaluate_with_a_mismatched_checkpoint(tmp_path, finished_run):
     assert_clean_error(result, "does not match the configured model")
 
 
+@pytest.mark.slow  # the fast tier has the allocation failure of the table
 def test_out_of_memory_in_evaluate_says_what_to_change(tmp_path, finished_run):
     import torch
 

@@ -131,6 +131,7 @@ def test_bad_hf_options(tmp_path, image_parquet, args, fragment):
     assert_clean_error(result, fragment)
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_missing_dataset_offline(tmp_path):
     # A process of its own: the Hugging Face libraries read their offline switches on import.
     result = run_cli("train", "debug=fast", "data=hf", "data.name=nobody/no-such-set",

@@ -83,8 +83,11 @@ def test_compiled_model_trains(tmp_path):
     assert metrics["test/acc"] > 0.5
 
 
-@pytest.mark.parametrize("options", [[f"model={model}"] for model in MODELS] + [
-    ["model=transformer", "model.activation_checkpointing=true"]], ids=" ".join)
+@pytest.mark.parametrize("options", [  # two in the fast tier, all in the whole suite
+    *([f"model={model}"] if model in ("cnn", "transformer") else
+      pytest.param([f"model={model}"], marks=pytest.mark.slow) for model in MODELS),
+    pytest.param(["model=transformer", "model.activation_checkpointing=true"],
+                 marks=pytest.mark.slow)], ids=" ".join)
 def test_compiled_models_compile_once_not_every_step(tmp_path, monkeypatch, options):
     """Dynamo's graphs, counted by a backend that runs them as they are: as many after 12 steps
     as after 4, so no step recompiles (guards on step counters or shapes would)."""
