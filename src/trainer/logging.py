@@ -179,8 +179,9 @@ class TimeEstimate:
 
 
 def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 0.9 s, 17 min, 2.5 h."""
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.1f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from trainer import checkpoint
 from trainer.errors import UserError
-from trainer.logging import hparams_of, shown
+from trainer.logging import duration, hparams_of, shown
 from trainer.run.evaluation import evaluate_split, test_checkpoint
 from trainer.run.resume import keep_best, save
 from trainer.run.state import Progress
@@ -77,7 +77,7 @@ def finish(run: Run) -> dict[str, float]:
     log.info("test of best.pt (step %d%s) | %s%s", best["progress"]["step"], chosen_by,
              format_metrics(test), f"\n{report}" if report else "")
     if rt.is_main:
-        log.info("done after %s of training; to use the run:\n  %s", _duration(run.seconds),
+        log.info("done after %s of training; to use the run:\n  %s", duration(run.seconds),
                  "\n  ".join(next_commands(run)))
     return {**best_val, **test}
 
@@ -90,10 +90,6 @@ def next_commands(run: Run) -> list[str]:
     if (run.run_dir / "tensorboard").is_dir():
         commands.append(f"tensorboard --logdir {where}")
     return commands
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def monitor_of(name: str | None, task: Task) -> tuple[str | None, str]:
