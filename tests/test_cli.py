@@ -102,19 +102,19 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, 
     script, another user) takes TIME_1, then TIME_2, rather than writing into the first's."""
     from hydra.types import RunMode
 
-    from trainer import cli
+    from trainer.cli import run_dirs
 
-    monkeypatch.setattr(cli, "_claimed", {})
+    monkeypatch.setattr(run_dirs, "_claimed", {})
     new = str(tmp_path / "outputs" / "2026-11-29" / "10-00-00")
-    assert cli._run_dir(None, new, RunMode.RUN) == new  # created: the first run's
-    monkeypatch.setattr(cli, "_claimed", {})  # another process, in the same second
-    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_1"
-    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_1"  # resolved again: the same
-    monkeypatch.setattr(cli, "_claimed", {})
-    assert cli._run_dir(None, new, RunMode.RUN) == f"{new}_2"
+    assert run_dirs.run_dir(None, new, RunMode.RUN) == new  # created: the first run's
+    monkeypatch.setattr(run_dirs, "_claimed", {})  # another process, in the same second
+    assert run_dirs.run_dir(None, new, RunMode.RUN) == f"{new}_1"
+    assert run_dirs.run_dir(None, new, RunMode.RUN) == f"{new}_1"  # resolved again: the same
+    monkeypatch.setattr(run_dirs, "_claimed", {})
+    assert run_dirs.run_dir(None, new, RunMode.RUN) == f"{new}_2"
     # A sweep claims nothing here (its jobs go under hydra.sweep.dir), resume=auto continues.
-    assert cli._run_dir(None, str(tmp_path / "x"), RunMode.MULTIRUN) == str(tmp_path / "x")
-    assert cli._run_dir("auto", new, RunMode.RUN) == new
+    assert run_dirs.run_dir(None, str(tmp_path / "x"), RunMode.MULTIRUN) == str(tmp_path / "x")
+    assert run_dirs.run_dir("auto", new, RunMode.RUN) == new
     assert not (tmp_path / "x").exists()
 
 

@@ -284,7 +284,7 @@ def hold_in_another_process(run: Path) -> subprocess.Popen:
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path, capsys):
-    from trainer.cli import _refuse_held_sweep
+    from trainer.cli.run_dirs import refuse_held_sweep
 
     run = tmp_path / "sweep" / "0"
     run.mkdir(parents=True)
@@ -296,7 +296,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path, capsys):
                        f"one process trains a run at a time.*kill -TERM {holder.pid}"):
         run_lock.acquire(run)
     with pytest.raises(SystemExit):  # train -m hydra.sweep.dir=... while a job of it trains
-        _refuse_held_sweep(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+        refuse_held_sweep(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert capsys.readouterr().err.startswith(f"error: {run} is being trained by pid")
     assert (run / run_lock.LOCK).read_bytes() == recorded
     holder.send_signal(signal.SIGKILL)
