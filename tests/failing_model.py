@@ -12,7 +12,7 @@ OutOfMemoryError, worded as CUDA words it), `oom_eval` (the same, in evaluation,
 
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import os
 import signal
 
@@ -41,8 +41,8 @@ class CrashingCNN(CNN):
         if self.training and self.crash:
             self.calls += 1
             if self.calls == 3 and self.crash in ("raise", "raise_abort"):
-                if self.crash == "raise_abort":
-                    atexit.register(os.abort)
+                if self.crash == "raise_abort":  # at exit, forked or spawned or neither
+                    multiprocessing.util.Finalize(None, os.abort, exitpriority=0)
                 raise RuntimeError("deliberate failure")
             if self.calls == 3 and self.crash == "oom":
                 raise torch.OutOfMemoryError(CUDA_OUT_OF_MEMORY)

@@ -127,7 +127,7 @@ def test_a_killed_rank_stops_the_group_and_its_checkpoints_move_between_world_si
     to step 6: the same as one process never stopping. The crashing CNN is the CNN until it
     crashes, and resumed without CRASH it does not."""
     result, run = crashed(tmp_path, "kill", *EXACT, "data.batch_size=8")
-    assert_clean_error(result, "error: training process rank 1 was killed by SIGKILL",
+    assert_clean_error(result, "error: training process rank 1 was killed by",
                        f"resume from its last checkpoint with: train resume={run}")
     per_rank = {1: "data.batch_size=16", 2: "data.batch_size=8"}
     for world, steps in ((1, 4), (2, 6)):
@@ -209,3 +209,32 @@ def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     assert_same_weights(split, whole)
+
+
+def test_the_rank_that_failed_first_is_named_whatever_the_agent_saw_first(tmp_path):
+    """The agent reports one failed rank, found at its next poll: often the peer that lost its
+    connection to the rank that failed. Each rank notes how and when it ended; one that noted
+    nothing died by a signal."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trainer.distributed import ENDED, _group_failure
+
+    def ended(rank: int, message: str, at: float | None) -> ProcessFailure:
+        folder = tmp_path / "attempt_0" / str(rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        error = {"message": message, "extraInfo": {"py_callstack": f"{message}\n",
+                                                   "timestamp": "1"}}
+        (folder / "error.json").write_text(json.dumps({"message": error}))
+        if at is not None:
+            (folder / f"error.json{ENDED}").write_text(json.dumps({"at": at, "exit": 1}))
+        return ProcessFailure(rank, 4242, 1, str(folder / "error.json"))
+
+    lost_peer = "RuntimeError: Connection reset by peer"
+    seen = ended(0, lost_peer, at=1000.2)
+    ended(1, "RuntimeError: deliberate failure", at=1000.1)  # still exiting when seen
+    assert "rank 1 failed: RuntimeError: deliberate failure" in str(
+        _group_failure(ChildFailedError("worker", {0: seen})))
+    for noted in (tmp_path / "attempt_0" / "1").iterdir():  # killed: nothing noted
+        noted.unlink()
+    assert "rank 1 was killed by a signal" in str(
+        _group_failure(ChildFailedError("worker", {0: seen})))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,6 +186,8 @@ def _full_state(offload: bool = True) -> Any:
 
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     """auto: cuda, then mps, then cpu. An explicit device that is absent is a user error."""
+    if kind == "cpu":  # CUDA untouched: a process forked for the CPU must not initialise it
+        return torch.device("cpu")
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if kind == "auto":
         kind = "cuda" if cuda else "mps" if mps else "cpu"
@@ -287,6 +290,96 @@ def record_user_error(message: str) -> None:
         json.dump({"message": message, "timestamp": int(time.time()), "user_error": True}, file)
 
 
+ENDED = ".ended"  # beside a worker's error file: {"at": seconds since 1970, "exit": its code}
+
+
+def start_method(device_type: str) -> str:
+    """fork for CPU processes on Linux: they start with this process's imports (torch's 3 s
+    each) already done. spawn elsewhere: CUDA cannot be used in a forked process, and macOS's
+    system libraries are not safe to fork."""
+    return "fork" if device_type == "cpu" and sys.platform == "linux" else "spawn"
+
+
+def _with_threads(threads: int, worker: Callable[..., Any], *args: Any) -> Any:
+    """`worker(*args)` on `threads` CPU threads (a forked process keeps the thread count its
+    parent's OpenMP read at start, before OMP_NUM_THREADS was set for the workers), noting how
+    and when, to the microsecond, it ended: the agent reports one failed rank, in whole
+    seconds, too little to tell the rank that failed from those that then lost their peer."""
+    torch.set_num_threads(threads)
+    code = 1  # an exception
+    try:
+        result = worker(*args)
+        code = 0
+        return result
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        raise
+    finally:
+        with contextlib.suppress(KeyError, OSError), open(
+                os.environ["TORCHELASTIC_ERROR_FILE"] + ENDED, "w") as file:
+            json.dump({"at": time.time(), "exit": code}, file)
+
+
+def _first_failure(error: Any) -> tuple[int, Any]:
+    """The rank whose failure set off the others' (a ChildFailedError's rank and failure), from
+    what each rank noted as it ended. A rank that noted nothing was killed by a signal (the out
+    of memory killer, `kill -9`) and comes first: the others then lost a peer."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failures = dict(error.failures)
+    # The agent's folder for this attempt, from a failure with an error file (attempt_N/RANK/)
+    located = [(r, f) for r, f in failures.items() if Path(f.error_file).parent.name.isdigit()]
+    if not located:
+        return error.get_first_failure()
+    known_rank, known = located[0]
+    name = Path(known.error_file).name
+    ended: dict[int, float] = {}
+    for folder in Path(known.error_file).parent.parent.iterdir():
+        if not folder.name.isdigit():
+            continue
+        rank = known_rank - known.local_rank + int(folder.name)
+        try:
+            noted = json.loads((folder / (name + ENDED)).read_text())
+        except (OSError, ValueError):  # killed: as the agent saw it, else by a signal unknown
+            failures.setdefault(rank, ProcessFailure(int(folder.name), 0, -signal.SIGKILL,
+                                                     str(folder / name)))
+            ended[rank] = float("-inf")
+            continue
+        if noted["exit"]:
+            failures.setdefault(rank, ProcessFailure(int(folder.name), 0, noted["exit"],
+                                                     str(folder / name)))
+            ended[rank] = noted["at"]
+    first = min(failures, key=lambda rank: ended.get(rank, failures[rank].timestamp))
+    return first, failures[first]
+
+
+def _group_failure(error: Any) -> Exception:
+    """What to raise for a ChildFailedError: Stopped, a user's error as its one line, or the
+    failed rank's traceback printed and a UserError naming the rank."""
+    rank, failure = _first_failure(error)
+    if failure.exitcode == STOPPED_EXIT:  # stopped by a signal; rank 0 said how to resume
+        return Stopped("the training processes stopped on a signal and saved last.pt (the "
+                       "resume command is printed above)")
+    message = failure.error_file_data.get("message")
+    # The one line of `record_user_error`, without the rank: mistakes such as a diverged
+    # loss are every rank's, whichever stopped first (an out-of-memory error names its GPU).
+    if failure.error_file_data.get("user_error"):
+        return UserError(message)
+    # A crash: the worker's traceback.
+    if isinstance(message, dict):
+        print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
+        # Named from the recorded error, not the exit status: a process that raised can
+        # still abort while tearing down its threads, which would read as a kill.
+        first_line = (str(message.get("message", "")).strip().splitlines() or ["?"])[0]
+        how = f"failed: {first_line} (printed above)"
+    elif failure.exitcode < 0:  # pid 0: found dead by `_first_failure`, its signal unknown
+        how = (f"was killed by {failure.signal_name() if failure.pid else 'a signal'} (out of "
+               "memory? `kill -9`?)")
+    else:
+        how = f"failed with exit code {failure.exitcode} (its error is printed above)"
+    return UserError(f"training process rank {rank} {how}; the whole group was stopped")
+
+
 def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> Any:
     """Run `worker(*args)` in device.count processes per node with torch's elastic launcher.
 
@@ -302,7 +395,8 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         nproc_per_node=device_cfg.count,
         run_id=device_cfg.rdzv_id or str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
-        max_restarts=0, monitor_interval=0.1, start_method="spawn",  # torchrun's interval
+        max_restarts=0, monitor_interval=0.1,  # torchrun's interval
+        start_method=start_method(device_cfg.type),
     )
     # The agent logs a failed worker inside a traceback of its own polling code, and warns as it
     # stops the others; the worker's own traceback and a line naming the rank are printed below.
@@ -312,31 +406,11 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
     # of all-cores thread pools on the same cores slow each other down. A value set is kept.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // device_cfg.count)))
+    threads = int(os.environ["OMP_NUM_THREADS"])
     try:
-        results = elastic_launch(config, worker)(*args)
+        results = elastic_launch(config, _with_threads)(threads, worker, *args)
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        if failure.exitcode == STOPPED_EXIT:  # stopped by a signal; rank 0 said how to resume
-            raise Stopped("the training processes stopped on a signal and saved last.pt (the "
-                          "resume command is printed above)") from None
-        message = failure.error_file_data.get("message")
-        # The one line of `record_user_error`, without the rank: mistakes such as a diverged
-        # loss are every rank's, whichever stopped first (an out-of-memory error names its GPU).
-        if failure.error_file_data.get("user_error"):
-            raise UserError(message) from None
-        # A crash: the worker's traceback.
-        if isinstance(message, dict):
-            print(message.get("extraInfo", {}).get("py_callstack", ""), file=sys.stderr)
-            # Named from the recorded error, not the exit status: a process that raised can
-            # still abort while tearing down its threads, which would read as a kill.
-            first_line = (str(message.get("message", "")).strip().splitlines() or ["?"])[0]
-            how = f"failed: {first_line} (printed above)"
-        elif failure.exitcode < 0:
-            how = f"was killed by {failure.signal_name()} (out of memory? `kill -9`?)"
-        else:
-            how = f"failed with exit code {failure.exitcode} (its error is printed above)"
-        raise UserError(f"training process rank {rank} {how}; the whole group was "
-                        "stopped") from None
+        raise _group_failure(error) from None
     except SignalException as error:  # this process was signalled; the agent passed it on
         raise Stopped(f"stopped by {signal.Signals(error.sigval).name}: the training processes "
                       "saved last.pt (the resume command is printed above)") from None

@@ -232,9 +232,10 @@ def shown(path: Path) -> Path:
 
 
 def log_to_run_dir(run_dir: str, main: bool) -> None:
-    """Logging in a process started without Hydra: rank 0 also writes the run's train.log."""
+    """Logging in a launched worker, Hydra's set up or not: rank 0 also writes train.log."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if main:
         handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=handlers,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        force=True)  # a forked worker comes with its launcher's Hydra handlers
