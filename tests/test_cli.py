@@ -1,4 +1,5 @@
-"""The real console scripts, in subprocesses, as a user types them."""
+"""The real console scripts as a user types them: in a subprocess where the process is what is
+tested (a whole run, its exit, what it imports, a terminal), else called in this process."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_train_leaves_a_complete_run_directory(tmp_path):
     assert [c.strip() for c in commands if c] == [
         f"predict run_dir={where} inputs=IMAGES", f"evaluate run_dir={where}",
         f"export-model run_dir={where}", f"tensorboard --logdir {where}"]
-    evaluated = run_cli(*commands[1].split(), cwd=tmp_path)
+    evaluated = run_in_process(*commands[1].split(), cwd=tmp_path)
     assert json.loads(evaluated.stdout.strip().splitlines()[-1]) == metrics
 
 
@@ -83,13 +84,13 @@ def test_a_folder_of_your_own_configs_adds_options(tmp_path):
         "optimizer:\n  lr: 0.004\n")
     (tmp_path / "mine" / "model" / "small_rnn.yaml").write_text(
         "_target_: trainer.models.rnn.RNN\nwidth: 12\n")
-    result = run_cli("train", "--config-dir", "mine", "experiment=quick", "debug=fast",
-                     "logger=none", cwd=tmp_path)
+    result = run_in_process("train", "--config-dir", "mine", "experiment=quick", "debug=fast",
+                            "logger=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)
     saved = (run / ".hydra" / "config.yaml").read_text()
     assert "trainer.models.rnn.RNN" in saved and "lr: 0.004" in saved
-    shown = run_cli("train", "-cd", "mine", "--help", cwd=tmp_path).stdout
+    shown = run_in_process("train", "-cd", "mine", "--help", cwd=tmp_path).stdout
     assert "model: autoencoder, cnn, gan, rnn, small_rnn, transformer" in shown
     assert "experiment: airbench_cifar10" in shown and ", quick, " in shown
     for command in (["--config-dir=nowhere"], ["-cd", "nowhere", "--help"]):
@@ -131,7 +132,7 @@ def test_resume_continues_in_the_same_run_directory(tmp_path):
     assert run_in_process("train", "debug=fast", cwd=tmp_path).returncode == 0  # its lock let go
     [run] = run_dirs(tmp_path)
     original_config = (run / ".hydra" / "config.yaml").read_text()
-    result = run_cli("train", f"resume={run}", "trainer.max_steps=9", cwd=tmp_path)
+    result = run_in_process("train", f"resume={run}", "trainer.max_steps=9", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert run_dirs(tmp_path) == [run]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -146,7 +147,7 @@ def test_resume_continues_in_the_same_run_directory(tmp_path):
 def test_evaluate_reproduces_the_test_metrics(tmp_path, model):
     run = tmp_path / "run"
     train(compose_train("debug=fast", f"model={model}"), run)
-    result = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((run / "metrics.json").read_text())

@@ -13,7 +13,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAILING_MODELS, assert_clean_error, compose_train, run_cli, run_dirs
+from conftest import (
+    FAILING_MODELS,
+    assert_clean_error,
+    compose_train,
+    run_cli,
+    run_dirs,
+    run_in_process,
+)
 from trainer.ranks import adopt_slurm_env
 from trainer.run.loop import train
 
@@ -195,7 +202,7 @@ def test_fsdp_shards_the_transformer_trains_resumes_and_evaluates(tmp_path):
     assert scalars(whole, "train/grad_norm") == pytest.approx(scalars(one, "train/grad_norm"),
                                                               rel=1e-4)
     # The checkpoint holds the whole model: one process evaluates it.
-    result = run_cli("evaluate", f"run_dir={whole}", cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={whole}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     for key, value in metrics(whole).items():

@@ -121,8 +121,9 @@ def test_out_of_memory_in_a_step_says_what_to_change_and_keeps_last_pt(tmp_path)
                        "same batch per step), or use a smaller model; its last.pt is kept: "
                        f"continue with train resume={run.relative_to(tmp_path)} and the changed "
                        "keys")
-    resumed = run_cli("train", f"resume={run}", "data.batch_size=8", "trainer.accumulate=2",
-                      cwd=tmp_path, env=FAILING_MODELS)  # no crash planned this time
+    resumed = run_in_process("train", f"resume={run}", "data.batch_size=8",
+                             "trainer.accumulate=2", cwd=tmp_path,
+                             env=FAILING_MODELS)  # no crash planned this time
     assert resumed.returncode == 0, resumed.stderr
     assert "at step 2" in resumed.stdout and (run / "metrics.json").is_file()
 
@@ -186,8 +187,8 @@ def test_out_of_memory_in_evaluate_says_what_to_change(tmp_path, finished_run):
     state = torch.load(path, weights_only=True)
     state["config"]["model"]["_target_"] = "failing_model.CrashingCNN"  # the same weights
     torch.save(state, path)
-    result = run_cli("evaluate", f"run_dir={finished_run}", cwd=tmp_path,
-                     env={**FAILING_MODELS, "CRASH": "rank0:oom_eval"})
+    result = run_in_process("evaluate", f"run_dir={finished_run}", cwd=tmp_path,
+                            env={**FAILING_MODELS, "CRASH": "rank0:oom_eval"})
     assert_clean_error(result, "error: out of memory: GPU 0 could not allocate 2 GiB more (of "
                        "79.15 GiB); evaluate with a smaller batch (data.batch_size=N; the run's "
                        "is 16) or on another device (device=cpu)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import Terminal, assert_clean_error, compose_train, run_cli, run_in_process
+from conftest import Terminal, assert_clean_error, compose_train, run_in_process
 from trainer.errors import UserError
 from trainer.tasks.classification import per_class_table
 
@@ -60,11 +60,11 @@ def test_a_run_is_used_from_another_folder_than_it_trained_in(tmp_path, text_fil
     and on another device key, still find it."""
     (tmp_path / "there").mkdir()
     shutil.copy(text_file, tmp_path / "there" / "corpus.txt")
-    trained = run_cli("train", "debug=fast", "model=rnn", "data=text", "data.path=corpus.txt",
-                      "hydra.run.dir=run", cwd=tmp_path / "there")
+    trained = run_in_process("train", "debug=fast", "model=rnn", "data=text",
+                             "data.path=corpus.txt", "hydra.run.dir=run", cwd=tmp_path / "there")
     assert trained.returncode == 0, trained.stderr
     run = tmp_path / "there" / "run"
-    result = run_cli("evaluate", f"run_dir={run}", "device=cpu", cwd=tmp_path)
+    result = run_in_process("evaluate", f"run_dir={run}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == recorded(run)
     sampled = run_in_process("generate", f"run_dir={run}", "length=5", cwd=tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODELS, assert_clean_error, compose_train, run_cli, run_in_process
+from conftest import MODELS, assert_clean_error, compose_train, run_in_process
 from trainer.errors import UserError
 from trainer.use.export import INT8_AGREEMENT, INT8_TOLERANCE
 
@@ -50,7 +50,8 @@ def safetensors_model(folder):
 
 @pytest.mark.slow
 def test_export_model_onnx_matches_pytorch_on_another_batch_size(tmp_path, finished_run):
-    result = run_cli("export-model", f"run_dir={finished_run}", "format=onnx", cwd=tmp_path)
+    result = run_in_process("export-model", f"run_dir={finished_run}", "format=onnx",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout.strip().splitlines()[-1])
     assert reported["max_abs_diff"] <= 1e-4 and reported["dynamic"] == ["batch"]

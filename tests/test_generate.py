@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli, run_in_process
+from conftest import assert_clean_error, compose_train, run_in_process
 from trainer.run.loop import train
 
 
@@ -32,7 +32,7 @@ def test_generate_continues_the_prompt_and_a_seed_repeats_it(tmp_path, language_
 
 @pytest.mark.slow
 def test_generate_without_a_prompt_starts_from_the_validation_text(tmp_path, language_run):
-    result = run_cli("generate", f"run_dir={language_run}", "length=10", cwd=tmp_path)
+    result = run_in_process("generate", f"run_dir={language_run}", "length=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.rstrip("\n")) >= 10
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
+from conftest import assert_clean_error, compose_train, run_dirs, run_in_process
 from trainer.run.lr_find import MAX_LR, MIN_LR, SKIP, find_lr, steepest
 
 
@@ -38,8 +38,8 @@ def test_the_range_test_of_a_classifier_finds_a_rate_it_learns_at(tmp_path, capl
 
 @pytest.mark.slow
 def test_the_command_prints_the_train_command_with_the_suggested_rate(tmp_path):
-    result = run_cli("train", "lr_find=true", "debug=fast", "model=rnn", "optimizer.lr=5",
-                     cwd=tmp_path)
+    result = run_in_process("train", "lr_find=true", "debug=fast", "model=rnn",
+                            "optimizer.lr=5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     [run] = run_dirs(tmp_path)
     assert (run / "lr_find.csv").is_file() and not (run / "checkpoints").exists()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import assert_clean_error, compose_train, run_cli, run_in_process
+from conftest import assert_clean_error, compose_train, run_in_process
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def test_images(tmp_path):
 
 def test_predict_labels_the_test_images_as_the_test_metrics_say(tmp_path, finished_run,
                                                                test_images):
-    result = run_cli("predict", f"run_dir={finished_run}", f"inputs={test_images}", "top_k=2",
-                     f"outputs={tmp_path / 'labels.csv'}", cwd=tmp_path)
+    result = run_in_process("predict", f"run_dir={finished_run}", f"inputs={test_images}",
+                            "top_k=2", f"outputs={tmp_path / 'labels.csv'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "labels.csv") as file:
         rows = list(csv.DictReader(file))

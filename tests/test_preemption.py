@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_clean_error, compose_train, run_cli, run_dirs, run_in_process
+from conftest import assert_clean_error, compose_train, run_dirs, run_in_process
 from trainer.run import loop
 from trainer.signals import STOPPED_EXIT, Stopped
 
@@ -99,7 +99,8 @@ def test_sigterm_to_the_command_exits_with_the_resume_command(tmp_path, command)
         assert "Traceback" not in stderr
     step = state(run / "checkpoints" / "last.pt")["progress"]["step"]
     assert 3 <= step < 100000
-    result = run_cli("train", f"resume={run}", f"trainer.max_steps={step + 2}", cwd=tmp_path)
+    result = run_in_process("train", f"resume={run}", f"trainer.max_steps={step + 2}",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == step + 2
 
@@ -112,8 +113,8 @@ def test_kept_checkpoints_and_resuming_from_one(tmp_path):
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
     assert kept == ["step-000006.pt", "step-000008.pt"]
     assert state(run / "checkpoints" / "step-000006.pt")["progress"]["step"] == 6
-    result = run_cli("train", f"resume={run / 'checkpoints' / 'step-000006.pt'}",
-                     "trainer.max_steps=9", cwd=tmp_path)
+    result = run_in_process("train", f"resume={run / 'checkpoints' / 'step-000006.pt'}",
+                            "trainer.max_steps=9", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "step-000006.pt at step 6" in result.stdout
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 9
@@ -169,13 +170,13 @@ def test_resume_auto_and_latest(tmp_path):
     """A requeued job reruns its command: resume=auto starts afresh, then continues."""
     job = ["train", "debug=fast", "logger=none", "hydra.run.dir=outputs/slurm-42",
            "resume=auto"]
-    fresh = run_cli(*job, "trainer.max_steps=3", cwd=tmp_path)
+    fresh = run_in_process(*job, "trainer.max_steps=3", cwd=tmp_path)
     assert fresh.returncode == 0 and "no checkpoint yet, starting afresh" in fresh.stdout
-    again = run_cli(*job, "trainer.max_steps=4", cwd=tmp_path)
+    again = run_in_process(*job, "trainer.max_steps=4", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     run = tmp_path / "outputs" / "slurm-42"
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 4
-    latest = run_cli("train", "resume=latest", "trainer.max_steps=5", cwd=tmp_path)
+    latest = run_in_process("train", "resume=latest", "trainer.max_steps=5", cwd=tmp_path)
     assert latest.returncode == 0, latest.stderr
     assert f"resume=latest: continuing {run}" in latest.stdout
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
@@ -190,10 +191,10 @@ def test_a_run_saved_before_newer_keys_resumes_and_is_evaluated(tmp_path):
         saved = state(run / "checkpoints" / f"{name}.pt")
         del saved["config"]["lr_find"], saved["config"]["trainer"]["profile"]
         torch.save(saved, run / "checkpoints" / f"{name}.pt")
-    resumed = run_cli("train", f"resume={run}", "trainer.max_steps=5", cwd=tmp_path)
+    resumed = run_in_process("train", f"resume={run}", "trainer.max_steps=5", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert state(run / "checkpoints" / "last.pt")["progress"]["step"] == 5
-    evaluated = run_cli("evaluate", f"run_dir={run}", cwd=tmp_path)
+    evaluated = run_in_process("evaluate", f"run_dir={run}", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
 
 

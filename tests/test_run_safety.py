@@ -21,7 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, assert_clean_error, compose_train, run_cli, run_in_process
+from conftest import PYTHON, assert_clean_error, compose_train, run_in_process
 from trainer import checkpoint, run_lock
 from trainer.config import saved_config
 from trainer.errors import UserError
@@ -266,7 +266,7 @@ def test_an_unreadable_last_pt_resumes_from_the_newest_readable_step_copy(kept_r
 def test_train_resume_steps_over_a_corrupt_last_pt(kept_run, tmp_path):
     run = Path(shutil.copytree(kept_run, tmp_path / "run"))
     corrupt(run / "checkpoints" / "last.pt")
-    result = run_cli("train", f"resume={run}", "trainer.max_steps=7", cwd=tmp_path)
+    result = run_in_process("train", f"resume={run}", "trainer.max_steps=7", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resuming from step-000006.pt instead" in result.stdout
     assert "step-000006.pt at step 6" in result.stdout
@@ -331,7 +331,7 @@ def test_a_second_train_is_refused_while_the_first_trains_and_accepted_once_it_i
         first.send_signal(signal.SIGSTOP)  # still holding its lock: the folder stands still
         before = listing(run)
         for second_command in ([f"resume={run}"], ["resume=auto", f"hydra.run.dir={run}"]):
-            second = run_cli("train", *second_command, cwd=tmp_path)
+            second = run_in_process("train", *second_command, cwd=tmp_path)
             assert_clean_error(second, f"is being trained by pid {first.pid} on host",
                                f"kill -TERM {first.pid}")
         assert listing(run) == before  # no .hydra/resumed-*, no line in train.log
@@ -343,6 +343,7 @@ def test_a_second_train_is_refused_while_the_first_trains_and_accepted_once_it_i
         first.send_signal(signal.SIGKILL)
         first.wait()
     step = checkpoint.load(run / "checkpoints" / "last.pt")["progress"]["step"]
-    third = run_cli("train", f"resume={run}", f"trainer.max_steps={step + 1}", cwd=tmp_path)
+    third = run_in_process("train", f"resume={run}", f"trainer.max_steps={step + 1}",
+                           cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert f"at step {step}" in third.stdout and run_lock.holder(run) is None

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAILING_MODELS, compose_train, run_cli
+from conftest import FAILING_MODELS, compose_train, run_cli, run_in_process
 from trainer.cli import CONFIG_DIR
 from trainer.run.sweep import summary_rows, write_record, write_summary
 from trainer.tasks import family_of
@@ -27,7 +27,8 @@ def grid_sweep(tmp_path_factory):
     """A grid sweep of three jobs, run once for the tests that read it: (result, sweep dir).
     A cnn of depth 4 halves an 8x8 digit to nothing: that one job fails, the other two run."""
     root = tmp_path_factory.mktemp("grid")
-    result = run_cli("train", "-m", "debug=fast", "model=cnn", "model.depth=1,2,4", cwd=root)
+    result = run_in_process("train", "-m", "debug=fast", "model=cnn", "model.depth=1,2,4",
+                            cwd=root)
     assert result.returncode == 0, result.stderr
     return result, sweep_dir(root)
 
@@ -113,8 +114,9 @@ def test_the_summary_names_shared_overrides_once_and_shortens_long_numbers(tmp_p
 @pytest.mark.slow
 def test_optuna_search_of_two_trials(tmp_path):
     # A search space given on the command line replaces the preset's (widths 16-128).
-    result = run_cli("train", "hparams_search=classification", "debug=fast", "logger=none",
-                     "hydra.sweeper.n_trials=2", "model.width=choice(8,24)", cwd=tmp_path)
+    result = run_in_process("train", "hparams_search=classification", "debug=fast",
+                            "logger=none", "hydra.sweeper.n_trials=2", "model.width=choice(8,24)",
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
@@ -178,8 +180,8 @@ def test_resume_auto_refuses_a_sweep_directory_of_other_jobs(grid_sweep, tmp_pat
     # The grid sweep's directory, given to a sweep of other overrides: its job 0 is refused
     # before it trains (no child process).
     sweep = Path(shutil.copytree(grid_sweep[1], tmp_path / "sweep"))
-    other = run_cli("train", "-m", "debug=fast", "logger=none", "resume=auto",
-                    f"hydra.sweep.dir={sweep}", "seed=1", cwd=tmp_path)
+    other = run_in_process("train", "-m", "debug=fast", "logger=none", "resume=auto",
+                           f"hydra.sweep.dir={sweep}", "seed=1", cwd=tmp_path)
     assert other.returncode == 0, other.stderr  # the sweep goes on; the job is recorded failed
     record = json.loads((sweep / "0" / "job.json").read_text())
     assert record["status"] == "failed"
