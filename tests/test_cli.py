@@ -194,7 +194,7 @@ def _on_a_terminal(args: list[str], cwd) -> str:
 @pytest.mark.slow
 def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path):
     command = ["train", "debug=fast", "trainer.progress=true", "logger=none"]
-    piped = run_cli(*command, cwd=tmp_path)
+    piped = run_in_process(*command, cwd=tmp_path)  # output to files, not a terminal
     assert piped.returncode == 0 and "step 6 validation" in piped.stderr + piped.stdout
     assert "step/s" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
     shown = _on_a_terminal(command, tmp_path)

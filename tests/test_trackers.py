@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import compose_train, run_cli, run_dirs
+from conftest import compose_train, run_dirs, run_in_process
 from trainer.errors import UserError
 
 
@@ -220,9 +220,9 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_names_its_jobs_in_every_logger_on_an_mlflow_server(tmp_path, mlflow_server):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "WANDB_MODE": "offline"}
-    result = run_cli("train", "-m", "debug=fast", "seed=0,1",
-                     "logger=[tensorboard,mlflow,wandb]", cwd=tmp_path, env=env)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "WANDB_MODE": "offline"}
+    result = run_in_process("train", "-m", "debug=fast", "seed=0,1",
+                            "logger=[tensorboard,mlflow,wandb]", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     jobs = run_dirs(tmp_path)
     assert len(jobs) == 2
