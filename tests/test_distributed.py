@@ -102,10 +102,14 @@ def crashed(tmp_path: Path, how: str, *args: str) -> tuple[subprocess.CompletedP
     after last.pt of step 2: the group stops, and the command fails. The others would wait
     device.timeout_s for it if nothing stopped them: an hour here, so a group left waiting
     fails the test by run_cli's timeout, whatever the machine's speed."""
+    temporary = tmp_path / "tmp"  # where the launcher keeps each rank's error, and removes it
+    temporary.mkdir()
     result = run_cli("train", *args, "device.count=2", "trainer.checkpoint_every=2",
                      "device.timeout_s=3600", "model._target_=failing_model.CrashingCNN",
-                     cwd=tmp_path, timeout=300, env={**FAILING_MODELS, "CRASH": f"rank1:{how}"})
+                     cwd=tmp_path, timeout=300,
+                     env={**FAILING_MODELS, "CRASH": f"rank1:{how}", "TMPDIR": str(temporary)})
     assert result.returncode != 0
+    assert not [*temporary.glob("trainer-workers-*"), *temporary.glob("torchelastic_*")]
     [run] = run_dirs(tmp_path)
     return result, run
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -386,10 +387,14 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
     Returns rank 0's result. A failing worker ends the group (the agent stops the others within
     a monitor interval); its error is printed by the worker and summarised here.
     """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # The agent's files of each rank (its error, how it ended): read on failure, then removed
+    # (left to itself, the agent leaves a folder in /tmp for every launch).
+    files = tempfile.TemporaryDirectory(prefix="trainer-workers-")
     config = LaunchConfig(
         min_nodes=device_cfg.nodes, max_nodes=device_cfg.nodes,
         nproc_per_node=device_cfg.count,
@@ -397,6 +402,7 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
         rdzv_backend="c10d", rdzv_endpoint=device_cfg.rdzv_endpoint or "localhost:0",
         max_restarts=0, monitor_interval=0.1,  # torchrun's interval
         start_method=start_method(device_cfg.type),
+        logs_specs=DefaultLogsSpecs(log_dir=files.name),
     )
     # The agent logs a failed worker inside a traceback of its own polling code, and warns as it
     # stops the others; the worker's own traceback and a line naming the rank are printed below.
@@ -414,4 +420,6 @@ def launch(device_cfg: DictConfig, worker: Callable[..., Any], *args: Any) -> An
     except SignalException as error:  # this process was signalled; the agent passed it on
         raise Stopped(f"stopped by {signal.Signals(error.sigval).name}: the training processes "
                       "saved last.pt (the resume command is printed above)") from None
+    finally:
+        files.cleanup()
     return results.get(0)
