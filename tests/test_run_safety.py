@@ -329,6 +329,8 @@ def test_a_second_train_is_refused_while_the_first_trains_and_accepted_once_it_i
         wait_for(lambda: (run / "checkpoints" / "best.pt").is_file() and run_lock.holder(run),
                  "lock and best.pt")
         first.send_signal(signal.SIGSTOP)  # still holding its lock: the folder stands still
+        # once it has stopped: a signal takes effect later, a checkpoint can be half written
+        assert os.WIFSTOPPED(os.waitpid(first.pid, os.WUNTRACED)[1])
         before = listing(run)
         for second_command in ([f"resume={run}"], ["resume=auto", f"hydra.run.dir={run}"]):
             second = run_in_process("train", *second_command, cwd=tmp_path)
