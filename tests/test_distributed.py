@@ -227,7 +227,7 @@ def test_the_rank_that_failed_first_is_named_whatever_the_agent_saw_first(tmp_pa
     nothing died by a signal."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from trainer.distributed import ENDED, _group_failure
+    from trainer.launcher import ENDED, _group_failure
 
     def ended(rank: int, message: str, at: float | None) -> ProcessFailure:
         folder = tmp_path / "attempt_0" / str(rank)

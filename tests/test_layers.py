@@ -13,9 +13,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 # Modules any layer may use, which use nothing above them: errors, reporting, checkpoints,
 # processes and devices, the config schemas and the targets they build.
 LEAVES = {"trainer.errors", "trainer.logging", "trainer.trackers", "trainer.tables",
-          "trainer.checkpoint", "trainer.run_lock", "trainer.distributed", "trainer.ranks",
-          "trainer.signals", "trainer.config", "trainer.targets", "trainer.optim",
-          "trainer.averaging"}
+          "trainer.checkpoint", "trainer.run_lock", "trainer.distributed", "trainer.launcher",
+          "trainer.ranks", "trainer.signals", "trainer.config", "trainer.targets",
+          "trainer.optim", "trainer.averaging"}
 
 
 def module_name(path: Path) -> str:

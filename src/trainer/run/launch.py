@@ -176,7 +176,7 @@ def _find_lr(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
 
 def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
     """device.count processes on this node (of device.nodes); rank 0's metrics where it ran."""
-    from trainer.distributed import launch
+    from trainer.launcher import launch
 
     try:
         result = launch(cfg.device, worker, OmegaConf.to_container(cfg, resolve=True),
@@ -195,7 +195,7 @@ def _launch_group(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
 
 def worker(config: dict, run_dir: str) -> dict[str, float]:
     """Each process started by `launch`: no Hydra, no directories; rank 0 logs to train.log."""
-    from trainer.distributed import record_user_error
+    from trainer.launcher import record_user_error
     from trainer.logging import log_to_run_dir  # torch: only in a process that trains
     from trainer.run.loop import train as run_training
 
