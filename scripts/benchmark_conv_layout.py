@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fashion_mnist_candidates import ARCHS, Candidate  # beside this script
 
 from trainer.models.autoencoder import Autoencoder
 from trainer.models.cnn import CNN
@@ -37,6 +38,11 @@ MODELS = {  # name: (the model, the images it takes)
     "dcgan generator (dcgan_mnist)": (lambda: GAN(GREY, conv=True, width=64).generator, GREY),
     "whitened resnet (airbench_cifar10)": (lambda: CNN(COLOUR, 10, width=64, depth=3,
                                                        residual=True, whiten=True), COLOUR),
+    # The cheaper networks tried for resnet_fashion_mnist (BENCHMARKS.md)
+    "fashion candidate pooled_resnet": (lambda: Candidate(GREY, 10, arch="pooled_resnet",
+                                                          width=32, depth=3, residual=True), GREY),
+    **{f"fashion candidate {arch}": (lambda arch=arch: Candidate(GREY, 10, arch=arch), GREY)
+       for arch in ARCHS},
 }
 
 

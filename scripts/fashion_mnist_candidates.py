@@ -5,7 +5,7 @@ trainer treats it as a classifier with the preset's recipe unchanged:
     PYTHONPATH=scripts train experiment=resnet_fashion_mnist device.precision=32 \\
         model._target_=fashion_mnist_candidates.Candidate +model.arch=air48 trainer.epochs=12
 
-    python scripts/fashion_mnist_candidates.py     # median seconds a training step, each one
+Their seconds a step: `python scripts/benchmark_conv_layout.py --only "fashion candidate"`.
 
 `pooled_resnet`: the preset's ResNet with its stem's output max-pooled, so the stages run at 14,
 7 and 4 pixels. `vgg`: blocks of convolutions with batch norm and ReLU, max-pooled at the end of
@@ -16,10 +16,6 @@ pooling.
 
 from __future__ import annotations
 
-import statistics
-import time
-
-import torch
 from torch import nn
 
 from trainer.models.cnn import CNN
@@ -68,30 +64,3 @@ class Candidate(CNN):
         self.features = blocks(in_shape[0], widths, convs, pool_first)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(widths[-1], num_classes))
-
-
-def step_seconds(model: nn.Module, batch: int = 128, steps: int = 6) -> float:
-    """Median seconds of a training step on a random batch of 28x28 images, channels-last."""
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(model.parameters())
-    images = torch.randn(batch, 1, 28, 28).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (batch,))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-if __name__ == "__main__":
-    shape = (1, 28, 28)
-    preset = CNN(shape, 10, width=32, depth=3, residual=True)
-    print(f"resnet (the preset): {step_seconds(preset):.3f} s")
-    pooled = Candidate(shape, 10, arch="pooled_resnet", width=32, depth=3, residual=True)
-    print(f"pooled_resnet: {step_seconds(pooled):.3f} s")
-    for name in ARCHS:
-        print(f"{name}: {step_seconds(Candidate(shape, 10, arch=name)):.3f} s")
